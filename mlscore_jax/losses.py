@@ -43,6 +43,17 @@ def sample_time(
     return jax.random.uniform(key, (batch,), jnp.float32, eps, sde.T)
 
 
+def scaled_score(
+    score_fn: ScoreFn | None, noise_fn: ScoreFn | None, x: Array, t: Array, sigma: Array
+) -> Array:
+    """sigma(t) * s(x, t) = -eps_hat(x, t), from either a score or a noise network; [B, ...]."""
+    if (score_fn is None) == (noise_fn is None):
+        raise ValueError("give exactly one of score_fn and noise_fn")
+    if noise_fn is not None:
+        return -noise_fn(x, t)
+    return broadcast_to_data(sigma, x) * score_fn(x, t)
+
+
 def dsm_loss(
     score_fn: ScoreFn | None,
     sde: SDE,
@@ -81,8 +92,6 @@ def dsm_loss(
         raise ValueError("importance_sampling only applies to weighting='likelihood'")
     if reduce not in ("mean", "sum"):
         raise ValueError(f"reduce must be 'mean' or 'sum', got {reduce!r}")
-    if (score_fn is None) == (noise_fn is None):
-        raise ValueError("give exactly one of score_fn and noise_fn")
 
     key_t, key_z = jax.random.split(key)
     batch = x0.shape[0]
@@ -91,10 +100,7 @@ def dsm_loss(
     alpha, sigma = sde.marginal(t)
     xt = broadcast_to_data(alpha, x0) * x0 + broadcast_to_data(sigma, x0) * z
 
-    if noise_fn is not None:
-        residual = z - noise_fn(xt, t)  # = sigma s + z
-    else:
-        residual = broadcast_to_data(sigma, x0) * score_fn(xt, t) + z
+    residual = scaled_score(score_fn, noise_fn, xt, t, sigma) + z
     flat = residual.reshape(batch, -1) ** 2
     per_example = jnp.mean(flat, axis=-1) if reduce == "mean" else jnp.sum(flat, axis=-1)
 
