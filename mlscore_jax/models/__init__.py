@@ -19,6 +19,7 @@ arguments (ints, floats, tuples), never a ConfigDict.
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -63,7 +64,7 @@ def init_variables(model: nn.Module, key: Array, input_shape: tuple[int, ...]) -
     """Initial variables ({'params': ...}) for inputs of shape input_shape = (B, ...)."""
     x = jnp.zeros(input_shape, jnp.float32)
     t = jnp.ones(input_shape[:1], jnp.float32)
-    return model.init({"params": key}, x, t, train=False)
+    return jax.jit(lambda k: model.init({"params": k}, x, t, train=False))(key)
 
 
 def abstract_variables(model: nn.Module, input_shape: tuple[int, ...]) -> Variables:
@@ -77,13 +78,22 @@ def param_count(params: Any) -> int:
 
 
 def param_table(params: Any) -> str:
-    """One line per parameter, `path shape`, in the tree's (sorted-key) order, and a total."""
-    lines = []
+    """One line per parameter, `path shape`, sorted by path with numbers in numeric order.
+
+    The last line is `total <number of scalars>`.
+    """
+    rows = []
     for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
-        name = "/".join(str(getattr(k, "key", k)) for k in path)
-        lines.append(f"{name} {tuple(leaf.shape)}")
+        rows.append(("/".join(str(getattr(k, "key", k)) for k in path), tuple(leaf.shape)))
+    rows.sort(key=lambda row: _natural_key(row[0]))
+    lines = [f"{name} {shape}" for name, shape in rows]
     lines.append(f"total {param_count(params)}")
     return "\n".join(lines) + "\n"
+
+
+def _natural_key(path: str) -> list[tuple[str, int]]:
+    """Sort key that puts Block_2 before Block_10."""
+    return [(a, int(b) if b else -1) for a, b in re.findall(r"(\D*)(\d*)", path)]
 
 
 def get_noise_fn(

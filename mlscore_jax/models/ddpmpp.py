@@ -268,7 +268,9 @@ class DDPMpp(nn.Module):
         # Up.
         for level in reversed(range(levels)):
             for _ in range(self.num_res_blocks + 1):
-                h = res_block(jnp.concatenate([h, skips.pop()], axis=-1), self.nf * self.ch_mult[level])
+                h = res_block(
+                    jnp.concatenate([h, skips.pop()], axis=-1), self.nf * self.ch_mult[level]
+                )
             if h.shape[1] in self.attn_resolutions:
                 h = attn_block(h)
             if level != 0:
