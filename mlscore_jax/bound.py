@@ -163,5 +163,6 @@ def nll_bound(
 
     prior = sde.prior_cross_entropy(x)
     nll = prior + integral + offset_term
-    return BoundResult(nll=nll, stderr=jnp.sqrt(var_total), prior=prior, integral=integral,
-                       offset=offset_term)
+    return BoundResult(
+        nll=nll, stderr=jnp.sqrt(var_total), prior=prior, integral=integral, offset=offset_term
+    )

@@ -105,4 +105,3 @@ def nats_to_bpd(
     if log_q_dequant is not None:
         bpd = bpd + jnp.asarray(log_q_dequant) / (num_dims * math.log(2.0))
     return bpd
-

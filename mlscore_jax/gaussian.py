@@ -67,7 +67,9 @@ class GaussianData(eqx.Module):
         v_t = self.marginal_var(sde, jnp.asarray(sde.T))
         p2 = sde.prior_std**2
         entropy = 0.5 * d * jnp.log(2.0 * math.pi * math.e * v_e)
-        kl = 0.5 * (d * (v_t / p2 - 1.0 - jnp.log(v_t / p2)) + alpha_t**2 * jnp.sum(self.mean**2) / p2)
+        kl = 0.5 * (
+            d * (v_t / p2 - 1.0 - jnp.log(v_t / p2)) + alpha_t**2 * jnp.sum(self.mean**2) / p2
+        )
         return entropy + kl
 
     def data_nll(self, x: Array) -> Array:

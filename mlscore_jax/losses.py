@@ -1,13 +1,13 @@
 """Per-example denoising score matching with the paper's three weightings.
 
-With x_t = alpha(t) x_0 + sigma(t) z and score s = s_theta(x_t, t) (`../shared/reference/scoreflow.md`
-section 2.3):
+With x_t = alpha(t) x_0 + sigma(t) z and score s = s_theta(x_t, t)
+(`../shared/reference/scoreflow.md` section 2.3):
 
-| weighting                    | t ~             | per-example loss                    | lambda(t)  |
-|------------------------------|-----------------|-------------------------------------|------------|
-| 'score'                      | U[eps, T]       | R(||sigma s + z||^2)                | sigma^2    |
-| 'likelihood'                 | U[eps, T]       | R(g^2 ||s + z / sigma||^2)          | g^2        |
-| 'likelihood', IS             | p ~ g^2/sigma^2 | c R(||sigma s + z||^2)              | g^2        |
+| weighting        | t ~             | per-example loss            | lambda(t) |
+|------------------|-----------------|-----------------------------|-----------|
+| 'score'          | U[eps, T]       | R(||sigma s + z||^2)        | sigma^2   |
+| 'likelihood'     | U[eps, T]       | R(g^2 ||s + z / sigma||^2)  | g^2       |
+| 'likelihood', IS | p ~ g^2/sigma^2 | c R(||sigma s + z||^2)      | g^2       |
 
 R is the mean (`reduce='mean'`) or the sum (`reduce='sum'`) over data dimensions. With importance
 sampling the constant c = Z / (T - eps) makes the expectation equal to the 'likelihood' row

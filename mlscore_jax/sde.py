@@ -42,7 +42,7 @@ _NUM_CDF_POINTS = 4097
 
 
 def broadcast_to_data(c: Array, x: Array) -> Array:
-    """Reshape a per-example coefficient c [B] (or scalar) so that it broadcasts against x [B, ...]."""
+    """Reshape a per-example coefficient c [B] (or a scalar) to broadcast against x [B, ...]."""
     c = jnp.asarray(c)
     if c.ndim == 0:
         return c
@@ -96,7 +96,7 @@ class SDE(eqx.Module):
         return jnp.sqrt(self.likelihood_weight(t))
 
     def likelihood_weight(self, t: Array) -> Array:
-        """lambda(t) = g(t)^2, the weighting that makes score matching an NLL bound (paper Thm. 1)."""
+        """lambda(t) = g(t)^2, the weighting that makes score matching an NLL bound (Thm. 1)."""
         t = jnp.asarray(t)
         var, dvar = jax.jvp(lambda s: self.marginal(s)[1] ** 2, (t,), (jnp.ones_like(t),))
         return jnp.maximum(dvar - 2.0 * self.drift_coeff(t) * var, 0.0)
@@ -197,7 +197,6 @@ class _LinearBetaSDE(SDE):
 
     def drift_coeff(self, t: Array) -> Array:
         return -0.5 * self.beta(jnp.asarray(t))
-
 
 
 class VPSDE(_LinearBetaSDE):

@@ -7,7 +7,7 @@ import pytest
 
 from mlscore_jax.gaussian import GaussianData
 from mlscore_jax.losses import dsm_loss
-from mlscore_jax.sde import SubVPSDE, VESDE, VPSDE
+from mlscore_jax.sde import VESDE, VPSDE, SubVPSDE
 
 
 def unit_gaussian_score(x, t):

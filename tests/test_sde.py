@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mlscore_jax.sde import SDE, SubVPSDE, VESDE, VPSDE, get_sde
+from mlscore_jax.sde import SDE, VESDE, VPSDE, SubVPSDE, get_sde
 
 
 class LinearLogSNR(SDE):
@@ -97,9 +97,7 @@ def test_vp_drift_and_prior():
     z = jnp.zeros((1, 3072))
     np.testing.assert_allclose(-sde.prior_logp(z), 2822.979, rtol=1e-6)
     ve = VESDE()
-    np.testing.assert_allclose(
-        -ve.prior_logp(z), 3072 / 2 * np.log(2 * np.pi * 50.0**2), rtol=1e-6
-    )
+    np.testing.assert_allclose(-ve.prior_logp(z), 3072 / 2 * np.log(2 * np.pi * 50.0**2), rtol=1e-6)
 
 
 def test_sdes_are_pytrees_usable_under_jit():
