@@ -59,7 +59,6 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
 import signal
 import time
 from collections.abc import Sequence
@@ -70,6 +69,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
+from etils import epath
 from jax.experimental import multihost_utils
 
 Kind = Literal["snapshot", "preemption"]
@@ -237,7 +237,7 @@ class Checkpointer:
         for name, freq in (("snapshot_freq", snapshot_freq), ("preemption_freq", preemption_freq)):
             if freq is not None and (not isinstance(freq, int) or freq <= 0):
                 raise ValueError(f"{name} must be a positive int or None, got {freq!r}")
-        self.workdir = os.fspath(workdir)
+        self.workdir = str(epath.Path(workdir))
         self.snapshot_freq = snapshot_freq
         self.preemption_freq = preemption_freq
         self.read_only = read_only
@@ -255,17 +255,17 @@ class Checkpointer:
         """The directory that holds checkpoints of ``kind`` ('snapshot' or 'preemption')."""
         if kind not in _DIRS:
             raise ValueError(f"kind must be 'snapshot' or 'preemption', got {kind!r}")
-        return os.path.join(self.workdir, _DIRS[kind])
+        return str(epath.Path(self.workdir) / _DIRS[kind])
 
     def step_directory(self, step: int, kind: Kind = "snapshot") -> str:
         """The directory of the checkpoint of ``kind`` at ``step`` (it may not exist)."""
-        return os.path.join(self.directory(kind), str(step))
+        return str(epath.Path(self.directory(kind)) / str(step))
 
     def _manager(self, kind: Kind) -> ocp.CheckpointManager | None:
         manager = self._managers.get(kind)
         if manager is None:
             directory = self.directory(kind)
-            if self.read_only and not os.path.isdir(directory):
+            if self.read_only and not epath.Path(directory).is_dir():
                 return None  # nothing written yet; look again next time
             if kind == "snapshot":
                 policy = ocp.checkpoint_managers.LatestN(n=None)  # keep all
@@ -287,14 +287,10 @@ class Checkpointer:
         return manager
 
     def _unfinished_dirs(self, kind: Kind) -> list[str]:
-        directory = self.directory(kind)
-        if not os.path.isdir(directory):
+        directory = epath.Path(self.directory(kind))
+        if not directory.is_dir():
             return []
-        return sorted(
-            os.path.join(directory, name)
-            for name in os.listdir(directory)
-            if _TMP_DIR_MARKER in name
-        )
+        return sorted(str(path) for path in directory.iterdir() if _TMP_DIR_MARKER in path.name)
 
     def steps(self, kind: Kind = "snapshot") -> list[int]:
         """Steps of the complete (finalized) checkpoints of ``kind``, ascending."""
@@ -426,9 +422,10 @@ class Checkpointer:
     def restore_latest(self, abstract_state: Any) -> tuple[Any, int] | None:
         """Restores the newest usable checkpoint among snapshots and pre-emption checkpoints.
 
-        Damaged checkpoints are skipped with a ``logging.warning`` naming their directory (and,
-        when writable, moved to ``workdir/checkpoints-damaged/`` so their step can be written
-        again); unfinished directories are ignored with a warning.
+        Damaged checkpoints are skipped with a ``logging.warning`` naming their directory; when
+        an older checkpoint is usable and this checkpointer is writable they are moved to
+        ``workdir/checkpoints-damaged/`` so their steps can be written again. Unfinished
+        (temporary) directories are ignored with a warning.
 
         Args:
           abstract_state: as for :meth:`restore`.
@@ -446,24 +443,27 @@ class Checkpointer:
                 logging.warning("Ignoring unfinished checkpoint directory %s", tmp)
             candidates.extend((step, rank, kind) for step in self.steps(kind))
         candidates.sort(reverse=True)
-        damaged = []
+        damaged: list[tuple[Kind, int, str]] = []
         for step, _, kind in candidates:
             try:
                 state = self._restore_verified(kind, step, abstract_state)
             except DamagedCheckpointError as e:
                 logging.warning("Skipping damaged checkpoint %s", e)
-                damaged.append(str(e))
-                self._quarantine(kind, step)
+                damaged.append((kind, step, str(e)))
                 continue
             if damaged:
                 logging.warning(
                     "Resuming from older checkpoint %s", self.step_directory(step, kind)
                 )
+                # Only once a usable checkpoint is found: if none is, a restarted job must fail
+                # again rather than silently start from scratch.
+                for bad_kind, bad_step, _ in damaged:
+                    self._quarantine(bad_kind, bad_step)
             return state, step
         if damaged:
             raise CheckpointError(
                 f"all {len(damaged)} checkpoints under {self.workdir} are damaged:\n"
-                + "\n".join(damaged)
+                + "\n".join(reason for _, _, reason in damaged)
             )
         return None
 
@@ -523,10 +523,10 @@ class Checkpointer:
             return
         if jax.process_index() == 0:
             source = self.step_directory(step, kind)
-            dest_dir = os.path.join(self.workdir, DAMAGED_DIR)
-            os.makedirs(dest_dir, exist_ok=True)
-            dest = os.path.join(dest_dir, f"{_DIRS[kind]}-{step}-{int(time.time())}")
-            shutil.move(source, dest)
+            dest_dir = epath.Path(self.workdir) / DAMAGED_DIR
+            dest_dir.mkdir(parents=True, exist_ok=True)
+            dest = dest_dir / f"{_DIRS[kind]}-{step}-{int(time.time())}"
+            epath.Path(source).rename(dest)
             logging.warning("Moved damaged checkpoint %s to %s", source, dest)
         if jax.process_count() > 1:
             multihost_utils.sync_global_devices(f"mlscore_jax quarantine {kind} {step}")

@@ -206,6 +206,9 @@ def test_damaged_snapshot_restore_by_step_raises(tmp_path):
     with pytest.raises(CheckpointError, match="damaged"):
         reader.restore_latest(abstract_of(make_state(0)))
     assert reader.snapshot_steps() == [1]  # read-only: nothing is moved
+    with pytest.raises(CheckpointError, match="damaged"):
+        ckpt.restore_latest(abstract_of(make_state(0)))
+    assert ckpt.snapshot_steps() == [1]  # nothing usable: left in place, a restart fails again
     with pytest.raises(CheckpointError, match="no complete snapshot checkpoint of step 7"):
         reader.restore(7, abstract_of(make_state(0)))
 
