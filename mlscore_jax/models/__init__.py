@@ -61,10 +61,13 @@ def get_model(name: str, **kwargs: Any) -> nn.Module:
 
 
 def init_variables(model: nn.Module, key: Array, input_shape: tuple[int, ...]) -> Variables:
-    """Initial variables ({'params': ...}) for inputs of shape input_shape = (B, ...)."""
+    """Initial variables ({'params': ...}) for inputs of shape input_shape = (B, ...).
+
+    Runs eagerly (wrap it in jax.jit, with out_shardings, to create sharded parameters).
+    """
     x = jnp.zeros(input_shape, jnp.float32)
     t = jnp.ones(input_shape[:1], jnp.float32)
-    return jax.jit(lambda k: model.init({"params": k}, x, t, train=False))(key)
+    return model.init({"params": key}, x, t, train=False)
 
 
 def abstract_variables(model: nn.Module, input_shape: tuple[int, ...]) -> Variables:

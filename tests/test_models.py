@@ -1,0 +1,385 @@
+"""Score networks: shapes, initialisation, dropout, time conditioning, the score contract, a real
+learning run, and the parameter tree of the paper's CIFAR-10 network.
+
+Regenerate the parameter-table fixture after an intended change to the network with
+`MLSCORE_UPDATE_FIXTURES=1 .venv/bin/pytest tests/test_models.py -k fixture`.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import os
+import pathlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from mlscore_jax import losses
+from mlscore_jax.models import (
+    MLP,
+    MODELS,
+    DDPMpp,
+    abstract_variables,
+    get_model,
+    get_noise_fn,
+    get_score_fn,
+    init_variables,
+    param_count,
+    param_table,
+    score_fn_from_noise_fn,
+)
+from mlscore_jax.models.layers import sinusoidal_embedding
+from mlscore_jax.sde import VESDE, VPSDE, SubVPSDE
+
+FIXTURE = pathlib.Path(__file__).parent / "fixtures" / "ddpmpp_cifar10_params.txt"
+
+# A tiny member of the family: two levels, one block per level, attention at 4x4 for 8x8 input.
+# Compilation dominates the run time on CPU, so the tests share a few modules and shapes:
+# parameters are created once (batch 1) and every evaluation uses a [4, 8, 8, 1] batch.
+TINY = dict(nf=16, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(4,))
+# Evaluation network; its dropout rate matters only with train=True and its init_scale only at
+# init, so it evaluates the parameters of every tiny variant below.
+NET = DDPMpp(**TINY, dropout=0.5)
+TRAIN_NET = DDPMpp(**TINY, dropout=0.0)
+SHAPE = (4, 8, 8, 1)
+TIMES = jnp.array([1e-3, 0.3, 0.6, 1.0])
+
+
+@functools.partial(jax.jit, static_argnames=("model", "train"))
+def _apply(model, variables, x, t, train=False, key=None):
+    rngs = None if key is None else {"dropout": key}
+    return model.apply(variables, x, t, train=train, rngs=rngs)
+
+
+@pytest.fixture(scope="module")
+def paper_init():
+    """Tiny DDPM++ with the paper's init_scale=0."""
+    return init_variables(DDPMpp(**TINY), jax.random.key(0), (1, 8, 8, 1))
+
+
+@pytest.fixture(scope="module")
+def unit_init():
+    """Tiny DDPM++ with init_scale=1, so outputs are O(1)."""
+    return init_variables(DDPMpp(**TINY, init_scale=1.0), jax.random.key(0), (1, 8, 8, 1))
+
+
+@pytest.fixture(scope="module")
+def x():
+    return jax.random.normal(jax.random.key(1), SHAPE)
+
+
+# ------------------------------------------------------------------------------------------
+# Shapes and selection by name.
+
+
+@pytest.mark.parametrize(
+    "shape, attn",
+    [((2, 8, 8, 1), (4,)), ((2, 28, 28, 1), (14,)), ((2, 32, 32, 3), (16,))],
+    ids=["8x8x1", "28x28x1", "32x32x3"],
+)
+def test_ddpmpp_output_shape_equals_input_shape(shape, attn):
+    model = DDPMpp(nf=16, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=attn)
+
+    def forward(key, x, t):
+        variables = init_variables(model, key, shape)
+        return model.apply(variables, x, t, train=True, rngs={"dropout": key})
+
+    x = jax.ShapeDtypeStruct(shape, jnp.float32)
+    t = jax.ShapeDtypeStruct(shape[:1], jnp.float32)
+    out = jax.eval_shape(forward, jax.random.key(0), x, t)
+    assert (out.shape, out.dtype) == (shape, jnp.float32)
+
+
+@pytest.mark.parametrize("shape", [(5, 2), (3, 8, 8), (3, 8, 8, 1)])
+def test_mlp_output_shape_equals_input_shape(shape):
+    model = MLP(width=32, num_blocks=2, embedding_dim=16)
+
+    def forward(key, x, t):
+        return model.apply(init_variables(model, key, shape), x, t, train=False)
+
+    x = jax.ShapeDtypeStruct(shape, jnp.float32)
+    t = jax.ShapeDtypeStruct(shape[:1], jnp.float32)
+    assert jax.eval_shape(forward, jax.random.key(0), x, t).shape == shape
+
+
+def test_scalar_time_is_broadcast_over_the_batch(unit_init, x):
+    np.testing.assert_array_equal(
+        _apply(NET, unit_init, x, jnp.float32(0.3)), _apply(NET, unit_init, x, jnp.full(4, 0.3))
+    )
+    with pytest.raises(ValueError, match="t must be"):
+        jax.eval_shape(lambda: NET.apply(unit_init, x, jnp.ones(2), train=False))
+
+
+def test_get_model_uses_the_explicit_mapping():
+    assert MODELS == {"ddpmpp": DDPMpp, "mlp": MLP}
+    assert get_model("ddpmpp", nf=32) == DDPMpp(nf=32)
+    with pytest.raises(ValueError, match=r"unknown model 'unet'.*\['ddpmpp', 'mlp'\]"):
+        get_model("unet")
+
+
+def test_bad_image_size_is_an_error():
+    model = DDPMpp(nf=16, ch_mult=(1, 2, 2), num_res_blocks=1, attn_resolutions=())
+    with pytest.raises(ValueError, match="not divisible"):
+        jax.eval_shape(lambda: init_variables(model, jax.random.key(0), (1, 6, 6, 1)))
+
+
+def test_sinusoidal_embedding_matches_its_formula():
+    labels = jnp.array([0.0, 1.0, 998.0])
+    emb = sinusoidal_embedding(labels, 8)
+    freqs = 10000.0 ** (-np.arange(4) / 3)
+    angles = np.asarray(labels)[:, None] * freqs
+    np.testing.assert_allclose(emb, np.concatenate([np.sin(angles), np.cos(angles)], 1), atol=1e-4)
+
+
+# ------------------------------------------------------------------------------------------
+# Initialisation: what is (and what is not) zero.
+
+
+def test_initial_output_is_tiny_but_not_exactly_zero(paper_init, unit_init, x):
+    """init_scale=0 means variance scale 1e-10 (official `default_init`), not zero weights.
+
+    Exactly zero at init: every bias (conv, dense, NIN, GroupNorm offset). Tiny
+    (|W| <= sqrt(3e-10 / fan_avg)): the last conv of every ResBlock, the attention output NIN_3
+    and the output conv Conv_1. So each residual branch and the network output start at ~1e-5;
+    the output would be exactly zero only with a zero output kernel.
+    """
+    params = paper_init["params"]
+    out = _apply(NET, paper_init, x, TIMES)
+    assert 0.0 < float(jnp.max(jnp.abs(out))) < 1e-3
+
+    for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
+        name = jax.tree_util.keystr(path)
+        if name.endswith(("['bias']", "['b']")):
+            assert not bool(jnp.any(leaf)), name
+
+    def bound(kernel):  # uniform variance scaling with scale 1e-10, fan_avg
+        receptive = math.prod(kernel.shape[:-2])
+        fan_avg = receptive * (kernel.shape[-2] + kernel.shape[-1]) / 2
+        return math.sqrt(3e-10 / fan_avg)
+
+    tiny = [params["Conv_1"]["kernel"]]
+    tiny += [params[k]["Conv_1"]["kernel"] for k in params if k.startswith("ResnetBlock")]
+    tiny += [params[k]["NIN_3"]["W"] for k in params if k.startswith("AttnBlock")]
+    assert len(tiny) == 1 + 10 + 3  # output conv, 10 ResBlocks, 3 attention blocks
+    for kernel in tiny:
+        assert 0.0 < float(jnp.max(jnp.abs(kernel))) <= bound(kernel)
+    first = params["ResnetBlockBigGANpp_0"]["Conv_0"]["kernel"]
+    assert float(jnp.max(jnp.abs(first))) > 1e3 * bound(first)  # default scale 1 elsewhere
+
+    zeroed = {"params": {**params, "Conv_1": {**params["Conv_1"]}}}
+    zeroed["params"]["Conv_1"]["kernel"] = jnp.zeros_like(params["Conv_1"]["kernel"])
+    assert not bool(jnp.any(_apply(NET, zeroed, x, TIMES)))
+
+    # The same network with init_scale=1 has O(1) outputs.
+    assert float(jnp.std(_apply(NET, unit_init, x, TIMES))) > 0.1
+
+
+# ------------------------------------------------------------------------------------------
+# Dropout and time conditioning.
+
+
+def test_dropout_only_in_training(unit_init, x):
+    eval_a = _apply(NET, unit_init, x, TIMES)
+    eval_b = _apply(NET, unit_init, x, TIMES, key=jax.random.key(5))  # key unused in eval
+    np.testing.assert_array_equal(eval_a, eval_b)
+
+    train_a = _apply(NET, unit_init, x, TIMES, train=True, key=jax.random.key(1))
+    train_b = _apply(NET, unit_init, x, TIMES, train=True, key=jax.random.key(2))
+    train_a2 = _apply(NET, unit_init, x, TIMES, train=True, key=jax.random.key(1))
+    assert float(jnp.max(jnp.abs(train_a - train_b))) > 1e-2
+    assert float(jnp.max(jnp.abs(train_a - eval_a))) > 1e-2
+    np.testing.assert_array_equal(train_a, train_a2)
+    with pytest.raises(Exception, match="dropout"):
+        NET.apply(unit_init, x, TIMES, train=True)
+
+
+_OPTIMIZER = optax.adam(2e-3)
+
+
+def _loss(model, params, x0, key):
+    """Mean likelihood-weighted, importance-sampled DSM loss of a noise network on x0."""
+    noise_fn = get_noise_fn(model, {"params": params}, train=True)
+    return jnp.mean(
+        losses.dsm_loss(
+            None,
+            VPSDE(),
+            x0,
+            key,
+            weighting="likelihood",
+            importance_sampling=True,
+            noise_fn=noise_fn,
+        )
+    )
+
+
+@functools.partial(jax.jit, static_argnames="model")
+def _train_step(model, params, opt_state, x0, key):
+    loss, grads = jax.value_and_grad(lambda p: _loss(model, p, x0, key))(params)
+    updates, opt_state = _OPTIMIZER.update(grads, opt_state)
+    return optax.apply_updates(params, updates), opt_state, loss
+
+
+def _gaussian_batch(key, batch):
+    """Gaussian 8x8 images: a fixed +-0.5 pattern plus N(0, 0.1^2) per pixel."""
+    mean = 0.5 * jnp.sign(jnp.sin(jnp.arange(64.0) + 0.5)).reshape(1, 8, 8, 1)
+    return mean + 0.1 * jax.random.normal(key, (batch, 8, 8, 1))
+
+
+def test_time_conditioning_after_one_gradient_step(paper_init, x):
+    def time_effect(variables):
+        lo = _apply(NET, variables, x, jnp.full(4, 0.1))
+        return float(jnp.max(jnp.abs(lo - _apply(NET, variables, x, jnp.full(4, 0.9)))))
+
+    params = paper_init["params"]
+    stepped, _, _ = _train_step(
+        TRAIN_NET,
+        params,
+        _OPTIMIZER.init(params),
+        _gaussian_batch(jax.random.key(3), 32),
+        jax.random.key(4),
+    )
+    # At init the time path is multiplied by two ~1e-5 kernels (block output, output conv).
+    assert time_effect(paper_init) < 1e-7
+    assert time_effect({"params": stepped}) > 1e-4
+
+
+# ------------------------------------------------------------------------------------------
+# The score contract: s = -eps_hat / sigma(t).
+
+
+@pytest.mark.parametrize("sde", [VPSDE(), SubVPSDE(), VESDE()], ids=["vp", "subvp", "ve"])
+def test_score_is_minus_noise_over_std(sde, unit_init, x):
+    eps_hat = _apply(NET, unit_init, x, TIMES)
+    _, std = sde.marginal(TIMES)
+    expected = -eps_hat / std[:, None, None, None]
+    score_fn = score_fn_from_noise_fn(lambda x, t: _apply(NET, unit_init, x, t), sde)
+    np.testing.assert_allclose(score_fn(x, TIMES), expected, rtol=1e-6, atol=0)
+
+
+def test_get_score_fn_and_get_noise_fn(unit_init, x):
+    sde = VPSDE()
+    eps_hat = _apply(NET, unit_init, x, TIMES)
+    noise_fn = jax.jit(get_noise_fn(NET, unit_init))
+    score_fn = jax.jit(get_score_fn(NET, unit_init, sde))
+    # Parameters baked in as constants fold differently: float32 round-off only.
+    np.testing.assert_allclose(noise_fn(x, TIMES), eps_hat, rtol=1e-4, atol=1e-5)
+    expected = -eps_hat / sde.marginal(TIMES)[1][:, None, None, None]
+    np.testing.assert_allclose(score_fn(x, TIMES), expected, rtol=1e-4, atol=1e-5)
+
+
+def test_score_and_noise_give_the_same_loss():
+    shape = (4, 2)
+    sde = VPSDE()
+    model = MLP(width=32, num_blocks=1, embedding_dim=16, init_scale=1.0)
+    variables = init_variables(model, jax.random.key(0), shape)
+    x0 = jax.random.normal(jax.random.key(1), shape)
+    kw = dict(weighting="likelihood", importance_sampling=True)
+    key = jax.random.key(2)
+    via_score = losses.dsm_loss(get_score_fn(model, variables, sde), sde, x0, key, **kw)
+    via_noise = losses.dsm_loss(None, sde, x0, key, noise_fn=get_noise_fn(model, variables), **kw)
+    np.testing.assert_allclose(via_score, via_noise, rtol=1e-4)
+    assert float(jnp.std(model.apply(variables, x0, jnp.full(4, 0.5), train=False))) > 0.1
+
+
+# ------------------------------------------------------------------------------------------
+# A real learning run: likelihood weighting with importance sampling on Gaussian 8x8 data.
+
+
+def test_tiny_ddpmpp_learns_gaussian_data_with_likelihood_weighting(paper_init):
+    params = paper_init["params"]
+    opt_state = _OPTIMIZER.init(params)
+    held_x0 = _gaussian_batch(jax.random.key(100), 256)  # fixed batch, times and noise
+    held_loss = jax.jit(lambda p: _loss(TRAIN_NET, p, held_x0, jax.random.key(101)))
+
+    before = float(held_loss(params))
+    history = []
+    key = jax.random.key(42)
+    for i in range(300):
+        key_x, key_loss = jax.random.split(jax.random.fold_in(key, i))
+        params, opt_state, loss = _train_step(
+            TRAIN_NET, params, opt_state, _gaussian_batch(key_x, 32), key_loss
+        )
+        history.append(float(loss))
+    after = float(held_loss(params))
+
+    assert np.all(np.isfinite(history))
+    assert np.mean(history[-20:]) < 0.7 * np.mean(history[:20])
+    assert after < 0.7 * before
+
+
+# ------------------------------------------------------------------------------------------
+# The paper's network: parameter counts and the full parameter tree.
+
+
+def _closed_form_count(nf, ch_mult, num_res_blocks, attn_resolutions, size, channels):
+    """Parameter count of DDPM++ from the architecture description alone."""
+    temb = 4 * nf
+
+    def conv(c_in, c_out, k):
+        return k * k * c_in * c_out + c_out
+
+    def res(c_in, c_out, resample=False):
+        n = 2 * c_in + conv(c_in, c_out, 3) + temb * c_out + c_out + 2 * c_out
+        n += conv(c_out, c_out, 3)
+        return n + (conv(c_in, c_out, 1) if c_in != c_out or resample else 0)
+
+    def attn(c):
+        return 2 * c + 4 * (c * c + c)
+
+    total = (nf * temb + temb) + (temb * temb + temb) + conv(channels, nf, 3)
+    skips, c = [nf], nf
+    for level, mult in enumerate(ch_mult):
+        for _ in range(num_res_blocks):
+            total += res(c, nf * mult) + (attn(nf * mult) if size in attn_resolutions else 0)
+            c = nf * mult
+            skips.append(c)
+        if level != len(ch_mult) - 1:
+            total += res(c, c, True)
+            skips.append(c)
+            size //= 2
+    total += 2 * res(c, c) + attn(c)
+    for level in reversed(range(len(ch_mult))):
+        for _ in range(num_res_blocks + 1):
+            total += res(c + skips.pop(), nf * ch_mult[level])
+            c = nf * ch_mult[level]
+        total += attn(c) if size in attn_resolutions else 0
+        if level != 0:
+            total += res(c, c, True)
+            size *= 2
+    return total + 2 * c + conv(c, channels, 3)
+
+
+@pytest.mark.parametrize(
+    "num_res_blocks, expected", [(4, 61_804_419), (8, 106_632_579)], ids=["standard", "deep"]
+)
+def test_cifar10_parameter_count(num_res_blocks, expected):
+    params = abstract_variables(DDPMpp(num_res_blocks=num_res_blocks), (1, 32, 32, 3))["params"]
+    assert param_count(params) == expected
+    assert expected == _closed_form_count(128, (1, 2, 2, 2), num_res_blocks, (16,), 32, 3)
+    n_res = sum(k.startswith("ResnetBlockBigGANpp_") for k in params)
+    n_attn = sum(k.startswith("AttnBlockpp_") for k in params)
+    # Down: 4 levels x num_res_blocks + 3 down; middle 2; up: 4 x (num_res_blocks + 1) + 3 up.
+    # Attention after every block at 16x16 on the way down, once in the middle, once going up.
+    assert (n_res, n_attn) == (8 * num_res_blocks + 12, num_res_blocks + 2)
+
+
+def _cifar10_table() -> str:
+    params = abstract_variables(DDPMpp(), (1, 32, 32, 3))["params"]
+    header = (
+        "# DDPMpp() = CIFAR-10 DDPM++ cont.: nf=128, ch_mult=(1, 2, 2, 2), num_res_blocks=4,\n"
+        "# attn_resolutions=(16,), input [B, 32, 32, 3]. Paths and names are those of the\n"
+        "# official NCSNpp parameter tree. Generated by tests/test_models.py via jax.eval_shape.\n"
+    )
+    return header + param_table(params)
+
+
+def test_cifar10_parameter_table_matches_fixture():
+    table = _cifar10_table()
+    if os.environ.get("MLSCORE_UPDATE_FIXTURES"):
+        FIXTURE.parent.mkdir(parents=True, exist_ok=True)
+        FIXTURE.write_text(table)
+    assert FIXTURE.read_text() == table, "network structure changed; see the module docstring"
