@@ -1,0 +1,400 @@
+"""Training: train state, one jitted multi-step function, and the loop around it.
+
+`train_and_evaluate(config, workdir)` trains the configuration on every device of every process:
+
+* data parallel over a 1-D mesh (`parallel.make_mesh`): the batch is split over the 'data' axis,
+  parameters, optimizer state and EMA are replicated; no pmap;
+* `training.n_jitted_steps` steps are fused with `lax.scan` in one dispatch of one jitted,
+  donated function `train_steps(state, batches) -> (state, metrics)`;
+* the batch of step k is a pure function of (seed, k, process) (`data.train_batches`) and the
+  randomness of step k is `fold_in(state.key, k)`, so a run resumed from a checkpoint at step k
+  continues bit for bit as if it had never stopped;
+* a non-finite loss or gradient norm stops training with an error naming the step, before
+  anything is checkpointed; SIGTERM saves and exits cleanly (`checkpoint.PreemptionGuard`).
+
+Logs on process 0 only: a progress bar, TensorBoard scalars (loss, grad norm, lr, images/s,
+achieved FLOP/s from XLA's cost analysis) in `workdir/tensorboard`, and `workdir/train_log.txt`.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import time
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+
+from mlscore_jax import checkpoint, data, experiment, losses, parallel
+
+Array = jax.Array
+logger = logging.getLogger(__name__)
+
+
+@flax.struct.dataclass
+class TrainState:
+    """Everything that changes during training (a pytree; checkpointed as a whole)."""
+
+    step: Array  # int32 [] steps taken
+    params: Any
+    opt_state: Any
+    ema_params: Any
+    key: Array  # typed PRNG key; step k uses fold_in(key, k)
+
+
+class NonFiniteError(FloatingPointError):
+    """Training produced a non-finite loss or gradient norm."""
+
+
+def make_optimizer(
+    *,
+    lr: float,
+    warmup: int,
+    grad_clip: float,
+    beta1: float = 0.9,
+    eps: float = 1e-8,
+    weight_decay: float = 0.0,
+) -> tuple[optax.GradientTransformation, optax.Schedule]:
+    """Adam with linear warm-up lr * min(step / warmup, 1) and global-norm clipping (official)."""
+    schedule = optax.linear_schedule(0.0, lr, warmup) if warmup > 0 else optax.constant_schedule(lr)
+    parts = []
+    if grad_clip > 0:
+        parts.append(optax.clip_by_global_norm(grad_clip))
+    if weight_decay > 0:
+        parts.append(optax.adamw(schedule, b1=beta1, b2=0.999, eps=eps, weight_decay=weight_decay))
+    else:
+        parts.append(optax.adam(schedule, b1=beta1, b2=0.999, eps=eps))
+    return optax.chain(*parts), schedule
+
+
+def optimizer_from_config(config: ml_collections.ConfigDict):
+    o = config.optim
+    if o.optimizer.lower() != "adam":
+        raise ValueError(f"optim.optimizer={o.optimizer!r}: only 'Adam' is supported")
+    return make_optimizer(
+        lr=o.lr,
+        warmup=o.warmup,
+        grad_clip=o.grad_clip,
+        beta1=o.beta1,
+        eps=o.eps,
+        weight_decay=o.weight_decay,
+    )
+
+
+def init_state(
+    exp: experiment.Experiment, tx: optax.GradientTransformation, key: Array
+) -> TrainState:
+    """A fresh train state: network initialised at `key`, EMA equal to the parameters."""
+    init_key, train_key = jax.random.split(key)
+    variables = exp.model.init(
+        {"params": init_key},
+        jnp.zeros((1,) + exp.example_shape, jnp.float32),
+        jnp.ones((1,), jnp.float32),
+        train=False,
+    )
+    params = variables["params"]
+    return TrainState(
+        step=jnp.zeros((), jnp.int32),
+        params=params,
+        opt_state=tx.init(params),
+        ema_params=params,
+        key=train_key,
+    )
+
+
+def batch_loss(
+    exp: experiment.Experiment,
+    params: Any,
+    batch: Array,
+    key: Array,
+    *,
+    train: bool,
+) -> Array:
+    """Mean training loss of one integer batch [B, ...] (preprocessing included)."""
+    k_pre, k_loss, k_drop = jax.random.split(key, 3)
+    x = exp.preprocessing(k_pre, batch)
+
+    def noise_fn(xt: Array, t: Array) -> Array:
+        return exp.model.apply({"params": params}, xt, t, train=train, rngs={"dropout": k_drop})
+
+    per_example = losses.dsm_loss(
+        None,
+        exp.sde,
+        x,
+        k_loss,
+        noise_fn=noise_fn,
+        weighting=exp.loss.weighting,
+        importance_sampling=exp.loss.importance_sampling,
+        eps=exp.loss.eps,
+        reduce=exp.loss.reduce,
+        # the official training objective: the IS loss without its constant Z / (T - eps)
+        normalize_importance=False,
+    )
+    return per_example.mean()
+
+
+def train_step(
+    state: TrainState,
+    batch: Array,
+    *,
+    exp: experiment.Experiment,
+    tx: optax.GradientTransformation,
+    schedule: optax.Schedule,
+    ema_rate: float,
+) -> tuple[TrainState, dict[str, Array]]:
+    """One optimisation step on the global batch [B, ...]; pure."""
+    key = jax.random.fold_in(state.key, state.step)
+    loss, grads = jax.value_and_grad(lambda p: batch_loss(exp, p, batch, key, train=True))(
+        state.params
+    )
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    ema = jax.tree.map(lambda e, p: ema_rate * e + (1.0 - ema_rate) * p, state.ema_params, params)
+    metrics = {"loss": loss, "grad_norm": optax.global_norm(grads), "lr": schedule(state.step)}
+    new_state = state.replace(
+        step=state.step + 1, params=params, opt_state=opt_state, ema_params=ema
+    )
+    return new_state, metrics
+
+
+def train_steps(
+    state: TrainState, batches: Array, *, unroll: bool = False, **kwargs
+) -> tuple[TrainState, dict]:
+    """`batches.shape[0]` steps fused with lax.scan; metrics are stacked [n].
+
+    `unroll=True` unrolls the scan into straight-line code. On XLA:CPU (jaxlib 0.10.2) the
+    gradient of a conv net inside a loop body runs ~25x slower than outside one (measured:
+    2.07 s vs 0.063 s per step for configs/cpu/digits_ddpmpp.py), so training unrolls on CPU;
+    on accelerators the rolled loop compiles faster and runs as fast.
+    """
+    return jax.lax.scan(lambda s, b: train_step(s, b, **kwargs), state, batches, unroll=unroll)
+
+
+def _cost_flops(compiled: Any) -> float | None:
+    """FLOPs of a compiled function from XLA's cost analysis (None when unavailable)."""
+    try:
+        cost = compiled.cost_analysis()
+    except Exception:  # noqa: BLE001 (backends without cost analysis)
+        return None
+    if isinstance(cost, (list, tuple)):
+        cost = cost[0] if cost else None
+    if not cost or "flops" not in cost:
+        return None
+    return float(cost["flops"])
+
+
+class _Logger:
+    """Process-0 logging: text file, TensorBoard, progress bar."""
+
+    def __init__(self, workdir: str, total_steps: int, start_step: int, progress: bool):
+        self.active = jax.process_index() == 0
+        self.text = self.writer = self.bar = None
+        if not self.active:
+            return
+        self.text = open(os.path.join(workdir, "train_log.txt"), "a")  # noqa: SIM115
+        try:
+            from tensorboardX import SummaryWriter
+
+            self.writer = SummaryWriter(os.path.join(workdir, "tensorboard"))
+        except ImportError:  # pragma: no cover
+            self.writer = None
+        if progress:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True)
+
+    def line(self, message: str) -> None:
+        if not self.active:
+            return
+        logger.info(message)
+        self.text.write(message + "\n")
+        self.text.flush()
+
+    def scalars(self, step: int, values: dict[str, float]) -> None:
+        if self.writer is not None:
+            for name, value in values.items():
+                self.writer.add_scalar(name, value, step)
+
+    def progress(self, n: int, loss: float, images_per_s: float) -> None:
+        if self.bar is not None:
+            self.bar.update(n)
+            self.bar.set_postfix(loss=f"{loss:.4g}", img_s=f"{images_per_s:.0f}")
+
+    def close(self) -> None:
+        for thing in (self.bar, self.writer, self.text):
+            if thing is not None:
+                thing.close()
+
+
+def _check_config(config: ml_collections.ConfigDict) -> None:
+    t = config.training
+    n = t.n_jitted_steps
+    if n < 1:
+        raise ValueError(f"training.n_jitted_steps must be >= 1, got {n}")
+    for name in ("log_freq", "eval_freq", "snapshot_freq", "snapshot_freq_for_preemption"):
+        value = t[name]
+        if value <= 0 or value % n:
+            raise ValueError(
+                f"training.{name}={value} must be a positive multiple of "
+                f"training.n_jitted_steps={n} (steps run {n} at a time)"
+            )
+
+
+def train_and_evaluate(
+    config: ml_collections.ConfigDict,
+    workdir: str,
+    *,
+    progress: bool = True,
+    exp: experiment.Experiment | None = None,
+) -> TrainState:
+    """Train `config` in `workdir`, resuming from its newest complete checkpoint if there is one.
+
+    Args:
+      config: a locked ConfigDict (see configs/).
+      workdir: stable directory for checkpoints and logs; the same directory resumes.
+      progress: show a progress bar on process 0.
+      exp: a pre-built Experiment (tests); built from the config otherwise.
+
+    Returns:
+      The final train state (replicated over the mesh).
+
+    Raises:
+      NonFiniteError: a non-finite loss or gradient norm, naming the step.
+    """
+    _check_config(config)
+    os.makedirs(workdir, exist_ok=True)
+    exp = exp if exp is not None else experiment.from_config(config)
+    t = config.training
+    n_jit = t.n_jitted_steps
+    mesh = parallel.make_mesh()
+    local_batch = parallel.per_process_batch_size(t.batch_size, mesh)
+    tx, schedule = optimizer_from_config(config)
+    replicated = parallel.replicated(mesh)
+
+    init = jax.jit(
+        lambda key: init_state(exp, tx, key), out_shardings=replicated
+    )  # sharded from creation
+    root_key = jax.random.key(config.seed)
+    abstract = jax.eval_shape(init, root_key)
+    abstract = jax.tree.map(
+        lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=replicated), abstract
+    )
+
+    ckpt = checkpoint.Checkpointer(
+        workdir, snapshot_freq=t.snapshot_freq, preemption_freq=t.snapshot_freq_for_preemption
+    )
+    restored = ckpt.restore_latest(abstract)
+    if restored is None:
+        state, step = init(root_key), 0
+    else:
+        state, step = restored
+    if step % n_jit:
+        raise ValueError(f"checkpoint step {step} is not a multiple of n_jitted_steps={n_jit}")
+
+    step_fn = jax.jit(
+        lambda s, b: train_steps(
+            s,
+            b,
+            exp=exp,
+            tx=tx,
+            schedule=schedule,
+            ema_rate=config.model.ema_rate,
+            unroll=jax.default_backend() == "cpu",
+        ),
+        in_shardings=(replicated, parallel.data_sharding(mesh, batch_axis=1)),
+        out_shardings=(replicated, replicated),
+        donate_argnums=0,
+    )
+    eval_fn = jax.jit(
+        lambda p, b, k: batch_loss(exp, p, b, k, train=False),
+        in_shardings=(replicated, parallel.data_sharding(mesh), replicated),
+        out_shardings=replicated,
+    )
+
+    def host_batches(first_step: int) -> Any:
+        local = data.train_batches(
+            exp.dataset.train,
+            seed=config.seed,
+            first_step=first_step,
+            num_steps=n_jit,
+            global_batch_size=t.batch_size,
+            process_index=jax.process_index(),
+            process_count=jax.process_count(),
+        )
+        return parallel.shard_batch(local, mesh, batch_axis=1)
+
+    total = int(math.ceil(t.n_iters / n_jit) * n_jit)
+    log = _Logger(workdir, total, step, progress)
+    log.line(
+        f"start step={step} total={total} devices={jax.device_count()} "
+        f"processes={jax.process_count()} global_batch={t.batch_size} local_batch={local_batch} "
+        f"data={exp.dataset!r}"
+    )
+    compiled = None
+    flops_per_dispatch = None
+    last_time, last_step = time.perf_counter(), step
+    try:
+        with checkpoint.PreemptionGuard() as guard:
+            while step < total:
+                batches = host_batches(step)
+                if compiled is None:
+                    compiled = step_fn.lower(state, batches).compile()
+                    flops_per_dispatch = _cost_flops(compiled)
+                state, metrics = compiled(state, batches)
+                metrics = jax.device_get(metrics)
+                finite = np.isfinite(metrics["loss"]) & np.isfinite(metrics["grad_norm"])
+                if not finite.all():
+                    bad = step + int(np.argmin(finite)) + 1
+                    raise NonFiniteError(
+                        f"non-finite loss or gradient norm at step {bad} (loss="
+                        f"{metrics['loss'].tolist()}, grad_norm={metrics['grad_norm'].tolist()}); "
+                        f"the newest checkpoint in {workdir} is untouched"
+                    )
+                step += n_jit
+
+                if step % t.log_freq == 0 or step == total:
+                    now = time.perf_counter()
+                    dt = max(now - last_time, 1e-9)
+                    images_per_s = (step - last_step) * t.batch_size / dt
+                    values = {
+                        "loss": float(metrics["loss"][-1]),
+                        "grad_norm": float(metrics["grad_norm"][-1]),
+                        "lr": float(metrics["lr"][-1]),
+                        "images_per_s": images_per_s,
+                    }
+                    if flops_per_dispatch is not None:
+                        values["flops_per_s"] = flops_per_dispatch * (step - last_step) / n_jit / dt
+                    log.scalars(step, values)
+                    log.line(f"step={step} " + " ".join(f"{k}={v:.6g}" for k, v in values.items()))
+                    log.progress(step - last_step, values["loss"], images_per_s)
+                    last_time, last_step = now, step
+                if step % t.eval_freq == 0 and exp.dataset.test.shape[0] >= t.batch_size:
+                    test = data.train_batch(
+                        exp.dataset.test,
+                        seed=config.seed + 1,
+                        step=step // t.eval_freq,
+                        global_batch_size=t.batch_size,
+                        process_index=jax.process_index(),
+                        process_count=jax.process_count(),
+                    )
+                    eval_key = jax.random.fold_in(jax.random.key(config.seed + 1), step)
+                    eval_loss = float(
+                        eval_fn(state.ema_params, parallel.shard_batch(test, mesh), eval_key)
+                    )
+                    log.scalars(step, {"eval_loss_ema": eval_loss})
+                ckpt.maybe_save(step, state)
+                if guard.requested_by_any_process():
+                    log.line(f"pre-emption requested: saving step {step} and stopping")
+                    break
+        ckpt.maybe_save(step, state, force=True)
+        log.line(f"stop step={step}")
+    finally:
+        ckpt.close()
+        log.close()
+    return state
