@@ -16,7 +16,7 @@ import jax
 import ml_collections
 
 from mlscore_jax import data, models
-from mlscore_jax.sde import SDE, SubVPSDE, VESDE, VPSDE
+from mlscore_jax.sde import SDE, VESDE, VPSDE, SubVPSDE
 
 Array = jax.Array
 
