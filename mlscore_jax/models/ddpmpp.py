@@ -49,30 +49,16 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Callable
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from mlscore_jax.models.layers import default_init, sinusoidal_embedding, time_labels
+from mlscore_jax.models.layers import activation, default_init, sinusoidal_embedding, time_labels
 
 Array = jax.Array
 
-ACTIVATIONS: dict[str, Callable[[Array], Array]] = {
-    "swish": nn.swish,
-    "relu": nn.relu,
-    "elu": nn.elu,
-    "lrelu": lambda x: nn.leaky_relu(x, negative_slope=0.2),
-}
-
 _SQRT2 = math.sqrt(2.0)
-
-
-def _activation(name: str) -> Callable[[Array], Array]:
-    if name not in ACTIVATIONS:
-        raise ValueError(f"unknown nonlinearity {name!r}; choose one of {sorted(ACTIVATIONS)}")
-    return ACTIVATIONS[name]
 
 
 def _group_norm(channels: int) -> nn.GroupNorm:
@@ -131,7 +117,7 @@ class ResnetBlockBigGAN(nn.Module):
 
     @nn.compact
     def __call__(self, x: Array, temb: Array | None, train: bool) -> Array:
-        act = _activation(self.nonlinearity)
+        act = activation(self.nonlinearity)
         c_in = x.shape[-1]
         out_ch = self.out_ch or c_in
         h = act(_group_norm(c_in)(x))
@@ -218,7 +204,7 @@ class DDPMpp(nn.Module):
                 f"image size {x.shape[1]} is not divisible by 2^{levels - 1} "
                 f"(ch_mult={self.ch_mult} has {levels} levels)"
             )
-        act = _activation(self.nonlinearity)
+        act = activation(self.nonlinearity)
 
         # Explicit names reproduce the official auto-numbering (ResnetBlockBigGANpp_i, ...).
         res_ids, attn_ids = itertools.count(), itertools.count()

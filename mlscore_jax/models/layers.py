@@ -1,4 +1,4 @@
-"""Pieces shared by the score networks: the DDPM initialiser and the sinusoidal time embedding.
+"""Pieces shared by the score networks: DDPM initialiser, time embedding, nonlinearities.
 
 Both follow what the official NCSN++ computes (score_sde/score_flow `models/layers.py`), written
 from the formulas:
@@ -15,7 +15,9 @@ from the formulas:
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
@@ -26,6 +28,14 @@ Initializer = jax.nn.initializers.Initializer
 TIME_SCALE = 999.0
 # Largest period of the sinusoidal embedding (the "magic number" of the Transformer).
 MAX_POSITIONS = 10000
+
+# Nonlinearities by their official config names (model.nonlinearity).
+ACTIVATIONS: dict[str, Callable[[Array], Array]] = {
+    "swish": nn.swish,
+    "relu": nn.relu,
+    "elu": nn.elu,
+    "lrelu": lambda x: nn.leaky_relu(x, negative_slope=0.2),
+}
 
 # What the official initialiser substitutes for init_scale = 0.
 _ZERO_SCALE_SUBSTITUTE = 1e-10
@@ -68,3 +78,10 @@ def time_labels(t: Array, batch: int) -> Array:
     if t.ndim > 1 or (t.ndim == 1 and t.shape[0] != batch):
         raise ValueError(f"t must be a scalar or have shape [{batch}], got {t.shape}")
     return TIME_SCALE * jnp.broadcast_to(t, (batch,))
+
+
+def activation(name: str) -> Callable[[Array], Array]:
+    """The nonlinearity called `name` (a key of ACTIVATIONS)."""
+    if name not in ACTIVATIONS:
+        raise ValueError(f"unknown nonlinearity {name!r}; choose one of {sorted(ACTIVATIONS)}")
+    return ACTIVATIONS[name]

@@ -17,8 +17,7 @@ import math
 import flax.linen as nn
 import jax
 
-from mlscore_jax.models.ddpmpp import ACTIVATIONS
-from mlscore_jax.models.layers import default_init, sinusoidal_embedding, time_labels
+from mlscore_jax.models.layers import activation, default_init, sinusoidal_embedding, time_labels
 
 Array = jax.Array
 
@@ -36,7 +35,7 @@ class ResidualDenseBlock(nn.Module):
 
     @nn.compact
     def __call__(self, h: Array, temb: Array, train: bool) -> Array:
-        act = ACTIVATIONS[self.nonlinearity]
+        act = activation(self.nonlinearity)
         width = h.shape[-1]
         r = _dense(width)(act(nn.LayerNorm()(h)))
         r = r + _dense(width)(act(temb))
@@ -76,11 +75,7 @@ class MLP(nn.Module):
         Returns:
           eps_hat with the shape of x.
         """
-        if self.nonlinearity not in ACTIVATIONS:
-            raise ValueError(
-                f"unknown nonlinearity {self.nonlinearity!r}; choose one of {sorted(ACTIVATIONS)}"
-            )
-        act = ACTIVATIONS[self.nonlinearity]
+        act = activation(self.nonlinearity)
         batch = x.shape[0]
         dim = math.prod(x.shape[1:])
 
