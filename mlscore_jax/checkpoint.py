@@ -237,6 +237,9 @@ class Checkpointer:
         for name, freq in (("snapshot_freq", snapshot_freq), ("preemption_freq", preemption_freq)):
             if freq is not None and (not isinstance(freq, int) or freq <= 0):
                 raise ValueError(f"{name} must be a positive int or None, got {freq!r}")
+        workdir = os.fspath(workdir)
+        if "://" not in workdir:  # orbax wants absolute local paths; URLs stay as they are
+            workdir = os.path.abspath(workdir)
         self.workdir = str(epath.Path(workdir))
         self.snapshot_freq = snapshot_freq
         self.preemption_freq = preemption_freq

@@ -350,3 +350,16 @@ def test_two_processes_agree_on_preemption_and_checkpoint(tmp_path):
         assert r["same"] and r["shardings_ok"]
         assert r["snapshot_steps"] == [2] and r["snapshot_step"] == 5 + 2
     assert listed(tmp_path / PREEMPTION_DIR) == ["3"]
+
+
+def test_relative_workdir_is_resolved_against_the_working_directory(tmp_path, monkeypatch):
+    """`make train WORKDIR=runs/x` passes a relative path; orbax itself only takes absolute ones."""
+    monkeypatch.chdir(tmp_path)
+    state = make_state(0)
+    with Checkpointer("runs/rel", snapshot_freq=10) as ckpt:
+        assert ckpt.maybe_save(10, state)
+    monkeypatch.chdir("/")
+    with Checkpointer(tmp_path / "runs" / "rel", read_only=True) as ckpt:
+        restored, step = ckpt.restore_latest(abstract_of(state))
+    assert step == 10
+    assert_identical(restored, state)
