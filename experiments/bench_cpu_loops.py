@@ -21,10 +21,12 @@ jax-ml/jax#12868 (open).
 Workaround (pure JAX, no flags; none of the XLA:CPU flags of this jaxlib helps): give the
 convolution a custom VJP whose two backward convolutions are themselves NHWC x HWIO -> NHWC, with
 the transposes written explicitly (exactly what `ConvCanonicalization` would have inserted), see
-`canonical_conv`. `canonicalize_convs(f)` applies it to any function without touching the model: it
-traces `f` to a jaxpr and re-evaluates it with every NHWC/HWIO `conv_general_dilated` replaced by
-`canonical_conv` (the forward is the same op; gradients agree to float32 rounding). Alternatively
-flax's `nn.Conv(..., conv_general_dilated=canonical_conv_general_dilated)` does the same per layer.
+`mlscore_jax.models.layers.nhwc_conv` (which the DDPM++ network uses on CPU by default,
+`cpu_conv_grads=True`). `canonicalize_convs(f)` applies it to any function without touching the
+model: it traces `f` to a jaxpr and re-evaluates it with every NHWC/HWIO `conv_general_dilated`
+replaced by `canonical_conv` (the forward is the same op; gradients agree to float32 rounding).
+The library does it per layer:
+`nn.Conv(..., conv_general_dilated=layers.conv_general_dilated)`.
 
 The table: per-iteration wall time of forward / grad wrt params / VJP wrt x, straight-line
 `jax.jit` vs the same computation as the body of a `lax.fori_loop` (time / iterations), with JAX's
@@ -40,7 +42,6 @@ solve time / (1 + 6 steps)), plus, without --quick, the project's adaptive `like
 from __future__ import annotations
 
 import argparse
-import functools
 import time
 from collections.abc import Callable
 
@@ -54,65 +55,20 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 from jax._src import core as jax_core
-from jax._src.lax import convolution as lax_conv
 
 from mlscore_jax import likelihood, models
 from mlscore_jax.models import DDPMpp
+from mlscore_jax.models.layers import nhwc_conv
 from mlscore_jax.sde import VPSDE
 
 # ----------------------------------------------------------------------------------------------
 # The workaround
 # ----------------------------------------------------------------------------------------------
 
-_DN = ("NHWC", "HWIO", "NHWC")
-
-
-def _conv(x, w, strides, padding, lhs_dilation, rhs_dilation):
-    return lax.conv_general_dilated(
-        x, w, strides, padding, lhs_dilation, rhs_dilation, dimension_numbers=_DN
-    )
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4, 5))
-def canonical_conv(x, w, strides, padding, lhs_dilation, rhs_dilation):
-    """NHWC x HWIO -> NHWC convolution whose VJP uses only NHWC x HWIO -> NHWC convolutions.
-
-    strides, lhs_dilation, rhs_dilation: 2-tuples; padding: ((lo, hi), (lo, hi)).
-    """
-    return _conv(x, w, strides, padding, lhs_dilation, rhs_dilation)
-
-
-def _canonical_conv_fwd(x, w, strides, padding, lhs_dilation, rhs_dilation):
-    return _conv(x, w, strides, padding, lhs_dilation, rhs_dilation), (x, w)
-
-
-def _canonical_conv_bwd(strides, padding, lhs_dilation, rhs_dilation, res, g):
-    x, w = res
-    k = w.shape[:2]
-    # dx: g convolved with the spatially flipped kernel, I and O swapped by an explicit transpose
-    # (JAX's own rule leaves the swap in the dimension numbers: b01f_01oi->b01f).
-    pad_x = lax_conv._conv_general_vjp_lhs_padding(
-        x.shape[1:3], k, strides, g.shape[1:3], padding, lhs_dilation, rhs_dilation
-    )
-    w_t = jnp.transpose(w[::-1, ::-1], (0, 1, 3, 2))
-    dx = _conv(g, w_t, lhs_dilation, pad_x, strides, rhs_dilation)
-    # dw: the batch is the contraction dimension. x -> [Ci, H, W, N] read as NHWC, g -> [Ho, Wo,
-    # N, Co] read as HWIO, result [Ci, kh, kw, Co] (JAX's own rule: f01b_i01o->01bf).
-    pad_w = lax_conv._conv_general_vjp_rhs_padding(
-        x.shape[1:3], k, strides, g.shape[1:3], padding, lhs_dilation, rhs_dilation
-    )
-    dw = _conv(
-        jnp.transpose(x, (3, 1, 2, 0)),
-        jnp.transpose(g, (1, 2, 0, 3)),
-        rhs_dilation,
-        pad_w,
-        lhs_dilation,
-        strides,
-    )
-    return dx.astype(x.dtype), jnp.transpose(dw, (1, 2, 0, 3)).astype(w.dtype)
-
-
-canonical_conv.defvjp(_canonical_conv_fwd, _canonical_conv_bwd)
+# The custom-VJP convolution lives in the library (mlscore_jax/models/layers.py); the DDPM++
+# network uses it on CPU unless built with cpu_conv_grads=False, as the "lax" rows here are.
+canonical_conv = nhwc_conv
+DN = ("NHWC", "HWIO", "NHWC")
 
 _NHWC_HWIO_SPECS = ((0, 3, 1, 2), (3, 2, 0, 1), (0, 3, 1, 2))
 
@@ -126,58 +82,6 @@ def _is_nhwc_hwio_2d(params) -> bool:
         and params["batch_group_count"] == 1
         and params["precision"] is None
         and params["preferred_element_type"] is None
-    )
-
-
-def canonical_conv_general_dilated(
-    lhs,
-    rhs,
-    window_strides,
-    padding,
-    lhs_dilation=None,
-    rhs_dilation=None,
-    dimension_numbers=None,
-    feature_group_count=1,
-    batch_group_count=1,
-    precision=None,
-    preferred_element_type=None,
-):
-    """Drop-in for `lax.conv_general_dilated` (e.g. flax `nn.Conv(conv_general_dilated=...)`)."""
-    nd = lhs.ndim - 2
-    lhs_dilation = tuple(lhs_dilation or (1,) * nd)
-    rhs_dilation = tuple(rhs_dilation or (1,) * nd)
-    dn = lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)
-    params = dict(
-        dimension_numbers=dn,
-        feature_group_count=feature_group_count,
-        batch_group_count=batch_group_count,
-        precision=precision,
-        preferred_element_type=preferred_element_type,
-    )
-    if nd != 2 or not _is_nhwc_hwio_2d(params):
-        return lax.conv_general_dilated(
-            lhs,
-            rhs,
-            window_strides,
-            padding,
-            lhs_dilation,
-            rhs_dilation,
-            dimension_numbers,
-            feature_group_count,
-            batch_group_count,
-            precision,
-            preferred_element_type,
-        )
-    if isinstance(padding, str):
-        dilate = lambda n, d: [(a - 1) * b + 1 if a else 0 for a, b in zip(n, d, strict=True)]  # noqa: E731
-        padding = lax.padtype_to_pads(
-            dilate(lhs.shape[1:3], lhs_dilation),
-            dilate(rhs.shape[:2], rhs_dilation),
-            window_strides,
-            padding,
-        )
-    return canonical_conv(
-        lhs, rhs, tuple(window_strides), tuple(map(tuple, padding)), lhs_dilation, rhs_dilation
     )
 
 
@@ -269,7 +173,7 @@ def straight_and_loop(
 
 def bench_conv(wrap: Callable, xc, wc, n: int, reps: int) -> dict[str, tuple[float, float]]:
     """The minimal reproducer: one NHWC x HWIO 3x3 conv, forward and gradients."""
-    conv = wrap(lambda x, w: lax.conv_general_dilated(x, w, (1, 1), "SAME", dimension_numbers=_DN))
+    conv = wrap(lambda x, w: lax.conv_general_dilated(x, w, (1, 1), "SAME", dimension_numbers=DN))
 
     def loss(w, x):
         return jnp.sum(conv(x, w) ** 2)
@@ -338,7 +242,14 @@ def main() -> None:
     print(f"[{time.perf_counter() - t_start:.0f}s] single conv done", flush=True)
 
     # --- DDPM++ -------------------------------------------------------------------------------
-    m = DDPMpp(nf=32, ch_mult=(1, 2, 2), num_res_blocks=1, attn_resolutions=(4,), dropout=0.0)
+    m = DDPMpp(
+        nf=32,
+        ch_mult=(1, 2, 2),
+        num_res_blocks=1,
+        attn_resolutions=(4,),
+        dropout=0.0,
+        cpu_conv_grads=False,  # JAX's own conv VJP; the "canonical" variant rewrites it
+    )
     kx, kv, kp = jax.random.split(jax.random.key(1), 3)
     x = jax.random.normal(kx, (B, 8, 8, 1))
     t = jnp.linspace(0.05, 1.0, B)

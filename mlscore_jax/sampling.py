@@ -329,3 +329,40 @@ def save_image_grid(
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(buffer.getvalue())
     return pil.size
+
+
+def sample_from_config(
+    score_fn: ScoreFn, sde: SDE, shape: tuple[int, ...], key: Array, sampling_config
+) -> SampleResult:
+    """Samples with the sampler a config's `sampling` section names ('ode' or 'pc').
+
+    Keys: method, smallest_time, noise_removal, rtol, atol (ode); predictor, corrector, snr,
+    n_steps_each, num_scales (pc). Jit the call: `jax.jit(lambda k: sample_from_config(...))`.
+    """
+    c = sampling_config
+    if c.method == "ode":
+        return ode_sample(
+            score_fn,
+            sde,
+            shape,
+            key,
+            eps=c.smallest_time,
+            rtol=c.rtol,
+            atol=c.atol,
+            denoise=c.noise_removal,
+        )
+    if c.method == "pc":
+        return pc_sample(
+            score_fn,
+            sde,
+            shape,
+            key,
+            eps=c.smallest_time,
+            num_steps=c.num_scales,
+            predictor=c.predictor,
+            corrector=c.corrector,
+            snr=c.snr,
+            n_steps_each=c.n_steps_each,
+            denoise=c.noise_removal,
+        )
+    raise ValueError(f"unknown sampling.method {c.method!r}; choose 'ode' or 'pc'")

@@ -11,6 +11,7 @@ import functools
 import math
 import os
 import pathlib
+import re
 
 import jax
 import jax.numpy as jnp
@@ -383,3 +384,56 @@ def test_cifar10_parameter_table_matches_fixture():
         FIXTURE.parent.mkdir(parents=True, exist_ok=True)
         FIXTURE.write_text(table)
     assert FIXTURE.read_text() == table, "network structure changed; see the module docstring"
+
+
+@pytest.mark.parametrize(
+    "size,kernel,strides,padding,lhs_dil,rhs_dil",
+    [
+        (8, 3, (1, 1), "SAME", None, None),  # every DDPM++ conv
+        (8, 1, (1, 1), "SAME", None, None),
+        (9, 3, (2, 2), "SAME", None, None),
+        (7, 3, (2, 1), ((0, 1), (2, 0)), None, None),
+        (6, 3, (1, 1), ((1, 1), (1, 1)), (2, 2), (1, 2)),
+    ],
+)
+def test_loop_friendly_conv_matches_lax_values_and_gradients(
+    size, kernel, strides, padding, lhs_dil, rhs_dil
+):
+    """layers.conv_general_dilated (the CPU path of DDPM++) is lax's conv with another VJP."""
+    from jax import lax
+
+    from mlscore_jax.models import layers
+
+    x = jax.random.normal(jax.random.key(0), (2, size, size, 3))
+    w = jax.random.normal(jax.random.key(1), (kernel, kernel, 3, 4))
+    dn = lax.conv_dimension_numbers(x.shape, w.shape, ("NHWC", "HWIO", "NHWC"))
+
+    def loss(conv):
+        return lambda x, w: jnp.sum(
+            jnp.sin(conv(x, w, strides, padding, lhs_dil, rhs_dil, dimension_numbers=dn))
+        )
+
+    ours, ref = loss(layers.conv_general_dilated), loss(lax.conv_general_dilated)
+    np.testing.assert_allclose(ours(x, w), ref(x, w), rtol=1e-6)
+    for a, b in zip(jax.grad(ours, (0, 1))(x, w), jax.grad(ref, (0, 1))(x, w), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+    # ... and its backward pass only has canonical (NHWC x HWIO -> NHWC) convolutions.
+    jaxpr = str(jax.make_jaxpr(jax.grad(ours, (0, 1)))(x, w))
+    specs = re.findall(r"lhs_spec=\(([\d, ]+)\), rhs_spec=\(([\d, ]+)\)", jaxpr)
+    assert len(specs) == 3 and set(specs) == {("0, 3, 1, 2", "3, 2, 0, 1")}
+
+
+def test_ddpmpp_cpu_conv_grads_change_nothing_but_speed():
+    x = jax.random.normal(jax.random.key(2), (3, 8, 8, 1))
+    t = jnp.array([0.1, 0.5, 0.9])
+    a, b = DDPMpp(**TINY, dropout=0.0), DDPMpp(**TINY, dropout=0.0, cpu_conv_grads=False)
+    variables = init_variables(a, jax.random.key(0), (1, 8, 8, 1))
+    variables = jax.tree.map(lambda p: p + 0.01, variables)  # wake the tiny-init layers
+
+    def loss(model):
+        return lambda v: jnp.sum(model.apply(v, x, t, train=False) ** 2)
+
+    np.testing.assert_allclose(loss(a)(variables), loss(b)(variables), rtol=1e-6)
+    ga, gb = jax.grad(loss(a))(variables), jax.grad(loss(b))(variables)
+    for u, v in zip(jax.tree.leaves(ga), jax.tree.leaves(gb), strict=True):
+        np.testing.assert_allclose(u, v, rtol=1e-4, atol=1e-6)

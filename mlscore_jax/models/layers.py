@@ -14,6 +14,7 @@ from the formulas:
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 
@@ -85,3 +86,129 @@ def activation(name: str) -> Callable[[Array], Array]:
     if name not in ACTIVATIONS:
         raise ValueError(f"unknown nonlinearity {name!r}; choose one of {sorted(ACTIVATIONS)}")
     return ACTIVATIONS[name]
+
+
+# ---------------------------------------------------------------------------------------------
+# Convolutions whose gradients stay fast inside loops on XLA:CPU.
+#
+# XLA:CPU rewrites a convolution that is not NHWC x HWIO -> NHWC into transposes plus an
+# NHWC/HWIO one (the ConvCanonicalization pass), but only in the entry computation. JAX's
+# transpose rules emit non-canonical convolutions for the gradients (input gradient: I/O swapped
+# in the dimension numbers; filter gradient: batch as the contracted dimension), so inside a
+# while loop (lax.scan, fori_loop, diffrax.diffeqsolve) they run as naive loops: ~3x slower for
+# the input VJP of the probability-flow ODE, ~25x for parameter gradients (jax-ml/jax#12868;
+# experiments/bench_cpu_loops.py measures it). `nhwc_conv` below is the same forward
+# convolution with a custom VJP that writes those transposes explicitly, so every convolution
+# it emits is canonical wherever it sits.
+
+_NHWC = ("NHWC", "HWIO", "NHWC")
+_NHWC_SPECS = ((0, 3, 1, 2), (3, 2, 0, 1), (0, 3, 1, 2))  # the same, as dimension indices
+
+
+def _conv_nhwc(x, w, strides, padding, lhs_dilation, rhs_dilation):
+    return jax.lax.conv_general_dilated(
+        x, w, strides, padding, lhs_dilation, rhs_dilation, dimension_numbers=_NHWC
+    )
+
+
+def _dilated(size: int, dilation: int) -> int:
+    return 0 if size == 0 else (size - 1) * dilation + 1
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4, 5))
+def nhwc_conv(x, w, strides, padding, lhs_dilation, rhs_dilation):
+    """2-D convolution, x [N, H, W, Ci] * w [kh, kw, Ci, Co] -> [N, H', W', Co].
+
+    strides, lhs_dilation, rhs_dilation: 2-tuples of ints; padding: ((lo, hi), (lo, hi)).
+    Same values as `lax.conv_general_dilated`; its VJP uses only NHWC x HWIO -> NHWC
+    convolutions (see above).
+    """
+    return _conv_nhwc(x, w, strides, padding, lhs_dilation, rhs_dilation)
+
+
+def _nhwc_conv_fwd(x, w, strides, padding, lhs_dilation, rhs_dilation):
+    return _conv_nhwc(x, w, strides, padding, lhs_dilation, rhs_dilation), (x, w)
+
+
+def _nhwc_conv_bwd(strides, padding, lhs_dilation, rhs_dilation, res, g):
+    x, w = res
+    pad_x, pad_w = [], []
+    for d in range(2):
+        x_d = _dilated(x.shape[1 + d], lhs_dilation[d])
+        k_d = _dilated(w.shape[d], rhs_dilation[d])
+        g_d = _dilated(g.shape[1 + d], strides[d])
+        lo = padding[d][0]
+        before = k_d - lo - 1
+        pad_x.append((before, x_d + k_d - 1 - g_d - before))
+        pad_w.append((lo, (g_d - x_d) + (k_d - lo - 1)))
+    # dx: g (dilated by the strides) convolved with the flipped kernel, I and O swapped.
+    w_t = jnp.transpose(w[::-1, ::-1], (0, 1, 3, 2))
+    dx = _conv_nhwc(g, w_t, lhs_dilation, pad_x, strides, rhs_dilation)
+    # dw: the batch is contracted. x -> [Ci, H, W, N] read as NHWC, g -> [H', W', N, Co] read as
+    # HWIO; the result [Ci, kh, kw, Co] is transposed to HWIO.
+    dw = _conv_nhwc(
+        jnp.transpose(x, (3, 1, 2, 0)),
+        jnp.transpose(g, (1, 2, 0, 3)),
+        rhs_dilation,
+        pad_w,
+        lhs_dilation,
+        strides,
+    )
+    return dx.astype(x.dtype), jnp.transpose(dw, (1, 2, 0, 3)).astype(w.dtype)
+
+
+nhwc_conv.defvjp(_nhwc_conv_fwd, _nhwc_conv_bwd)
+
+
+def conv_general_dilated(
+    lhs,
+    rhs,
+    window_strides,
+    padding,
+    lhs_dilation=None,
+    rhs_dilation=None,
+    dimension_numbers=None,
+    feature_group_count=1,
+    batch_group_count=1,
+    precision=None,
+    preferred_element_type=None,
+):
+    """`lax.conv_general_dilated` with loop-friendly gradients for plain 2-D NHWC convolutions
+    (flax `nn.Conv(conv_general_dilated=...)`); anything else goes to lax unchanged."""
+    plain = (
+        lhs.ndim == 4
+        and dimension_numbers is not None
+        and tuple(
+            map(tuple, jax.lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers))
+        )
+        == _NHWC_SPECS
+        and feature_group_count == 1
+        and batch_group_count == 1
+        and precision is None
+        and preferred_element_type is None
+    )
+    if not plain:
+        return jax.lax.conv_general_dilated(
+            lhs,
+            rhs,
+            window_strides,
+            padding,
+            lhs_dilation,
+            rhs_dilation,
+            dimension_numbers,
+            feature_group_count,
+            batch_group_count,
+            precision,
+            preferred_element_type,
+        )
+    lhs_dilation = tuple(lhs_dilation or (1, 1))
+    rhs_dilation = tuple(rhs_dilation or (1, 1))
+    if isinstance(padding, str):
+        padding = jax.lax.padtype_to_pads(
+            [_dilated(s, d) for s, d in zip(lhs.shape[1:3], lhs_dilation, strict=True)],
+            [_dilated(s, d) for s, d in zip(rhs.shape[:2], rhs_dilation, strict=True)],
+            window_strides,
+            padding,
+        )
+    padding = tuple((int(lo), int(hi)) for lo, hi in padding)
+    return nhwc_conv(lhs, rhs, tuple(window_strides), padding, lhs_dilation, rhs_dilation)

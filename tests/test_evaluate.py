@@ -1,0 +1,217 @@
+"""Evaluation: closed-form NLLs through the full eval path, error bars, resumption, eval mode."""
+
+import dataclasses
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from PIL import Image
+
+from mlscore_jax import evaluate, experiment
+from mlscore_jax.evaluate import EvalSettings, evaluate_split
+from mlscore_jax.gaussian import GaussianData
+from mlscore_jax.sde import VPSDE, SubVPSDE
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = GaussianData(mean=jnp.linspace(-0.5, 0.5, 6), std=0.4)
+CONTINUOUS = experiment.Preprocessing(levels=None)  # float data: results in nats
+N = 40  # 3 batches of 16, the last one padded
+# Gaussian probes: for isotropic Gaussian data the Jacobian of the drift is a multiple of the
+# identity, so Rademacher probes (v^T v = D) would make the ODE estimate exact and not random.
+SETTINGS = EvalSettings(batch_size=16, num_repeats=4, num_t=64, divergence="gaussian", seed=3)
+
+
+def points() -> np.ndarray:
+    return np.asarray(DATA.sample(jax.random.key(11), N))
+
+
+@pytest.mark.parametrize("sde", [VPSDE(), SubVPSDE()], ids=["vp", "subvp"])
+def test_exact_score_gives_the_closed_form_nll_by_ode_and_by_bound(tmp_path, sde):
+    x = points()
+    m = evaluate_split(DATA.score_fn(sde), sde, CONTINUOUS, x, SETTINGS, str(tmp_path))
+    assert m["unit"] == "nats" and m["num_images"] == N and m["num_repeats"] == 4
+
+    # ODE: the exact -log p_eps^ODE of these very points; only the Hutchinson probes are random.
+    exact = float(jnp.mean(DATA.ode_nll(sde, jnp.asarray(x), SETTINGS.eps)))
+    ode = m["ode"]
+    assert ode["mc_stderr"] > 0
+    assert abs(ode["mean"] - exact) < 4 * ode["mc_stderr"] + 1e-3, (ode, exact)
+    # Bound: its expectation over the data is H(p_eps) + KL(p_T || prior); these 40 points are a
+    # sample of the data, so the error bar is the spread over images.
+    expected = float(DATA.expected_bound(sde, SETTINGS.eps))
+    bnd = m["bound"]
+    assert abs(bnd["mean"] - expected) < 4 * bnd["stderr_images"], (bnd, expected)
+    # ... and the bound lies above the exact NLL of the same points (exact score: it is tight up
+    # to the gap of the bound at eps, which is small but positive).
+    assert bnd["mean"] > exact - 4 * bnd["mc_stderr_from_draws"]
+
+    per = np.load(tmp_path / "per_image.npz")
+    assert per["ode"].shape == per["bound"].shape == per["ode_nfe"].shape == (4, N)
+    nfe = m["ode"]["nfe"]
+    assert 7 <= nfe["min"] <= nfe["mean"] <= nfe["max"] < SETTINGS.max_steps
+    saved = json.loads((tmp_path / "metrics.json").read_text())
+    assert saved["ode"]["mean"] == ode["mean"]
+
+
+def test_exact_trace_matches_the_closed_form_per_image(tmp_path):
+    """With the exact divergence nothing is random: every image, every repeat, to 1e-3 nats."""
+    sde, x = VPSDE(), points()
+    settings = dataclasses.replace(SETTINGS, divergence="exact", bound=False, num_repeats=2)
+    evaluate_split(DATA.score_fn(sde), sde, CONTINUOUS, x, settings, str(tmp_path))
+    per = np.load(tmp_path / "per_image.npz")
+    exact = np.asarray(DATA.ode_nll(sde, jnp.asarray(x), settings.eps))
+    np.testing.assert_allclose(per["ode"], np.broadcast_to(exact, (2, N)), atol=1e-3)
+    np.testing.assert_array_equal(per["ode"][0], per["ode"][1])
+
+
+def test_standard_error_estimates_the_repeat_noise_and_shrinks_with_repeats(tmp_path):
+    """mc_stderr (spread of the R repeat means / sqrt R) agrees with the per-image Monte-Carlo
+    variances, sqrt(mean_i var_i / (N R)), and falls as 1 / sqrt(R)."""
+    sde, x = VPSDE(), points()
+    settings = dataclasses.replace(SETTINGS, num_repeats=12, bound=True)
+    m = evaluate_split(DATA.score_fn(sde), sde, CONTINUOUS, x, settings, str(tmp_path / "12"))
+    per = np.load(tmp_path / "12" / "per_image.npz")
+    for name in ("ode", "bound"):
+        predicted = math.sqrt(per[name].var(axis=0, ddof=1).mean() / (N * 12))
+        assert 0.45 < m[name]["mc_stderr"] / predicted < 1.8, (name, m[name], predicted)
+    # The bound's own error bar from its time draws predicts the same thing for any R.
+    ratio = m["bound"]["mc_stderr_from_draws"] / m["bound"]["mc_stderr"]
+    assert 0.45 < ratio < 2.2, ratio
+    # Fewer repeats, same first 3 (the keys depend on (repeat, batch) only): a larger error bar.
+    m3 = evaluate_split(
+        DATA.score_fn(sde),
+        sde,
+        CONTINUOUS,
+        x,
+        dataclasses.replace(settings, num_repeats=3),
+        str(tmp_path / "3"),
+    )
+    assert m3["ode"]["repeat_means"] == m["ode"]["repeat_means"][:3]
+    ratio = m3["bound"]["mc_stderr_from_draws"] / m["bound"]["mc_stderr_from_draws"]
+    assert abs(ratio - 2.0) < 0.3, ratio
+
+
+class Interrupted(Exception):
+    pass
+
+
+def test_interrupted_evaluation_resumes_to_identical_numbers(tmp_path, monkeypatch):
+    sde, x = SubVPSDE(), points()
+    score = DATA.score_fn(sde)
+    full = evaluate_split(score, sde, CONTINUOUS, x, SETTINGS, str(tmp_path / "full"))
+
+    real = evaluate.data.eval_batches
+    served = []
+
+    def dying_batches(*args, **kwargs):  # the process dies after 5 of the 12 batch results
+        for item in real(*args, **kwargs):
+            if len(served) == 5:
+                raise Interrupted
+            served.append(1)
+            yield item
+
+    monkeypatch.setattr(evaluate.data, "eval_batches", dying_batches)
+    with pytest.raises(Interrupted):
+        evaluate_split(score, sde, CONTINUOUS, x, SETTINGS, str(tmp_path / "resumed"))
+    done = sorted(p.name for p in (tmp_path / "resumed").glob("repeat*.npz"))
+    assert len(done) == 5 and not list((tmp_path / "resumed").glob("*.tmp*"))
+    monkeypatch.setattr(evaluate.data, "eval_batches", real)
+
+    computed = []
+    original_savez = np.savez
+    monkeypatch.setattr(
+        evaluate.np, "savez", lambda path, **kw: (computed.append(path), original_savez(path, **kw))
+    )
+    resumed = evaluate_split(score, sde, CONTINUOUS, x, SETTINGS, str(tmp_path / "resumed"))
+    assert len([p for p in computed if "repeat" in str(p)]) == 12 - 5  # only the missing ones
+    for name in ("ode", "bound"):
+        assert resumed[name] == full[name]
+    a, b = np.load(tmp_path / "full" / "per_image.npz"), np.load(tmp_path / "resumed/per_image.npz")
+    for k in a.files:
+        np.testing.assert_array_equal(a[k], b[k])
+
+
+def test_bad_settings_are_errors(tmp_path):
+    sde, x = VPSDE(), points()
+    with pytest.raises(ValueError, match="num_repeats"):
+        evaluate_split(
+            DATA.score_fn(sde),
+            sde,
+            CONTINUOUS,
+            x,
+            dataclasses.replace(SETTINGS, num_repeats=0),
+            str(tmp_path),
+        )
+    with pytest.raises(ValueError, match="both False"):
+        evaluate_split(
+            DATA.score_fn(sde),
+            sde,
+            CONTINUOUS,
+            x,
+            dataclasses.replace(SETTINGS, ode=False, bound=False),
+            str(tmp_path),
+        )
+
+
+TINY = [
+    "--config=configs/cpu/digits_mlp.py",
+    "--progress=false",
+    "--config.training.batch_size=16",
+    "--config.model.width=64",
+    "--config.model.num_blocks=2",
+    "--config.training.n_iters=20",
+    "--config.training.log_freq=10",
+    "--config.training.eval_freq=10",
+    "--config.training.snapshot_freq=10",
+    "--config.training.snapshot_freq_for_preemption=10",
+    "--config.eval.batch_size=100",
+    "--config.eval.num_repeats=2",
+    "--config.eval.num_t=16",
+    "--config.eval.rtol=1e-3",
+    "--config.eval.atol=1e-3",
+    "--config.eval.enable_sampling=True",
+    "--config.eval.num_samples=9",
+]
+
+
+def _main(workdir, *args):
+    cmd = [sys.executable, "-m", "mlscore_jax.main", f"--workdir={workdir}", *TINY, *args]
+    p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, (p.stdout + p.stderr)[-4000:]
+    return p.stdout + p.stderr
+
+
+def test_eval_mode_end_to_end_on_digits(tmp_path):
+    """main --mode eval on a (barely) trained digits model: whole test split, files, table."""
+    workdir = tmp_path / "run"
+    with pytest.raises(AssertionError, match="train first"):
+        _main(workdir, "--mode=eval")
+    _main(workdir, "--mode=train")
+    _main(workdir, "--mode=eval")
+    _main(workdir, "--mode=eval", "--config.eval.ckpt_step=10", "--config.eval.use_ema=False")
+
+    dirs = sorted(p.name for p in (workdir / "eval").iterdir() if p.is_dir())
+    assert len(dirs) == 2 and dirs[0].startswith("test_step10_raw_") and "step20_ema" in dirs[1]
+    m = json.loads((workdir / "eval" / dirs[1] / "metrics.json").read_text())
+    assert m["unit"] == "bits/dim" and m["num_images"] == 300 and m["step"] == 20
+    assert m["ema"] is True and len(m["ode"]["repeat_means"]) == 2
+    per = np.load(workdir / "eval" / dirs[1] / "per_image.npz")
+    assert per["ode"].shape == per["bound"].shape == (2, 300)
+    # An almost untrained network: both numbers finite and far above a good model's ~1.5-2 bpd.
+    assert np.isfinite(per["ode"]).all() and np.isfinite(per["bound"]).all()
+    assert m["ode"]["mean"] > 2.0 and m["bound"]["mean"] > 2.0
+    table = (workdir / "results.md").read_text().splitlines()
+    assert len(table) == 2 + 2 and "| digits | test | 20 | 300 x 2 | bits/dim |" in table[2]
+    with Image.open(workdir / "eval" / "samples_step20.png") as png:
+        assert png.size == (3 * 34 + 2, 3 * 34 + 2)
+    samples = np.load(workdir / "eval" / "samples_step20.npz")
+    assert samples["x"].shape == (9, 8, 8, 1) and np.isfinite(samples["x"]).all()
+
+    with pytest.raises(AssertionError, match="no checkpoint of step 15"):
+        _main(workdir, "--mode=eval", "--config.eval.ckpt_step=15")
