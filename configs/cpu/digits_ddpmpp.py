@@ -28,6 +28,11 @@ def get_config() -> ml_collections.ConfigDict:
     data.dataset = "digits"
     data.image_size = 8
     data.num_channels = 1
+    # Train on uniformly dequantized pixels, the density that evaluation measures. The official
+    # default (False: bin centres) costs little at 256 levels but not at 17: bins 2/17 wide in
+    # model space teach the network point masses that the dequantized test data do not have (a
+    # 3000-step run trained on bin centres: test ODE 2.51 bits/dim, bound 6.70).
+    data.uniform_dequantization = True
 
     model = config.model
     model.nf = 32

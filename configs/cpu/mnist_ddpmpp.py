@@ -28,6 +28,7 @@ def get_config() -> ml_collections.ConfigDict:
     data.dataset = "mnist"
     data.image_size = 28
     data.num_channels = 1
+    data.uniform_dequantization = True  # train on the density evaluation measures
 
     model = config.model
     model.nf = 32
