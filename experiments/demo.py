@@ -4,7 +4,9 @@
    `--workdir` (resumes if a checkpoint is there; nothing to do if training is complete);
 2. evaluates test bits/dim with the EMA parameters by the probability-flow ODE and by the bound,
    over all 300 test images (`mlscore_jax.evaluate`; `--repeats R` for R repeats);
-3. draws 64 samples with the probability-flow ODE sampler into `<workdir>/eval/*.png`;
+3. draws 64 samples with the predictor-corrector sampler (reverse diffusion + Langevin, 1000
+   steps) and 64 with the probability-flow ODE sampler from the same model, into
+   `<workdir>/eval/samples_step<step>.png` and `samples_ode_step<step>.png`;
 4. prints a table, with the bits/dim of simple reference models on the same dequantized test
    images (uniform over the 17 levels; a per-pixel categorical and a full-covariance Gaussian,
    both fitted on the training split), so the number means something.
@@ -15,6 +17,7 @@
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import math
 import sys
@@ -28,7 +31,7 @@ import mlscore_jax  # noqa: F401  (sets the XLA:CPU flag before any computation)
 import jax
 import numpy as np
 
-from mlscore_jax import evaluate, experiment, train
+from mlscore_jax import evaluate, experiment, parallel, train
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -84,7 +87,7 @@ def main() -> None:
         config.training.n_iters = args.steps
     config.eval.num_repeats = args.repeats
     config.eval.enable_sampling = True
-    config.sampling.method = "ode"
+    config.sampling.method = "pc"
     exp = experiment.from_config(config)
     print(f"data: {exp.dataset!r}\nworkdir: {args.workdir}", flush=True)
 
@@ -93,6 +96,12 @@ def main() -> None:
     train_s = time.perf_counter() - start
     start = time.perf_counter()
     metrics = evaluate.evaluate(config, args.workdir, exp=exp)
+    ode_config = copy.deepcopy(config)
+    ode_config.sampling.method = "ode"
+    state, step = evaluate.restore_for_eval(config, args.workdir, exp, parallel.make_mesh())
+    ode_samples = evaluate.sample_to_files(
+        ode_config, exp, state.ema_params, f"{args.workdir}/eval/samples_ode_step{step}"
+    )
     eval_s = time.perf_counter() - start
 
     levels = exp.dataset.levels
@@ -120,11 +129,15 @@ def main() -> None:
             "  bound - ODE, paired over images",
             f"{gap.mean():+.4f} +- {gap.std(ddof=1) / math.sqrt(n):.4f}",
         ),
-        ("evaluation wall time (incl. compile and sampling)", f"{eval_s:.0f} s"),
+        ("evaluation wall time (incl. compile and both samplers)", f"{eval_s:.0f} s"),
         (
             f"samples ({samples['num_samples']}, {samples['method']} sampler, NFE "
             f"{samples['nfe_mean']:.0f})",
             samples.get("png", samples["npz"]),
+        ),
+        (
+            f"samples (64, {ode_samples['method']} sampler, NFE {ode_samples['nfe_mean']:.0f})",
+            ode_samples.get("png", ode_samples["npz"]),
         ),
     ]
     rows += [(f"reference: {name}", f"{value:.4f}") for name, value in refs.items()]

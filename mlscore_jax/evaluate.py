@@ -69,7 +69,7 @@ class EvalSettings:
     eps: float = 1e-5
     rtol: float = 1e-5
     atol: float = 1e-5
-    solver: str = "tsit5"
+    solver: str = "dopri5"
     divergence: str = "rademacher"
     max_steps: int = 4096
     num_t: int = 1000
