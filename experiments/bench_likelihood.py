@@ -27,7 +27,7 @@ example (`ODELikelihoodResult.nfe` = 1 + 6 x attempted steps for Tsit5/Dopri5, 2
 Heun); under `vmap` the while loop runs in lockstep until the slowest example is done, so the
 batch pays `lockstep` = start-up + stages x max(steps) batched evaluations.
 
-    .venv/bin/python experiments/bench_likelihood.py --workdir /tmp/bench_digits
+    .venv/bin/python experiments/bench_likelihood.py --workdir runs/demo
     .venv/bin/python experiments/bench_likelihood.py --quick
 """
 
