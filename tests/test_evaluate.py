@@ -3,8 +3,11 @@
 import dataclasses
 import json
 import math
+import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import jax
@@ -187,12 +190,20 @@ def _main(workdir, *args):
     return p.stdout + p.stderr
 
 
-def test_eval_mode_end_to_end_on_digits(tmp_path):
-    """main --mode eval on a (barely) trained digits model: whole test split, files, table."""
-    workdir = tmp_path / "run"
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A workdir with a 20-step tiny digits MLP (checkpoints at steps 10 and 20)."""
+    workdir = tmp_path_factory.mktemp("trained") / "run"
     with pytest.raises(AssertionError, match="train first"):
         _main(workdir, "--mode=eval")
     _main(workdir, "--mode=train")
+    return workdir
+
+
+def test_eval_mode_end_to_end_on_digits(trained, tmp_path):
+    """main --mode eval on a (barely) trained digits model: whole test split, files, table."""
+    workdir = tmp_path / "run"
+    shutil.copytree(trained, workdir)
     _main(workdir, "--mode=eval")
     _main(workdir, "--mode=eval", "--config.eval.ckpt_step=10", "--config.eval.use_ema=False")
 
@@ -215,3 +226,31 @@ def test_eval_mode_end_to_end_on_digits(tmp_path):
 
     with pytest.raises(AssertionError, match="no checkpoint of step 15"):
         _main(workdir, "--mode=eval", "--config.eval.ckpt_step=15")
+
+
+def test_sigkilled_eval_resumes_to_the_numbers_of_an_uninterrupted_one(trained, tmp_path):
+    small = ["--mode=eval", "--config.eval.batch_size=20", "--config.eval.enable_sampling=False"]
+    ref, killed = tmp_path / "ref", tmp_path / "killed"
+    shutil.copytree(trained, ref)
+    shutil.copytree(trained, killed)
+    _main(ref, *small)
+
+    cmd = [sys.executable, "-m", "mlscore_jax.main", f"--workdir={killed}", *TINY, *small]
+    p = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while time.time() < deadline and len(list(killed.glob("eval/*/repeat*.npz"))) < 3:
+        time.sleep(0.05)
+    p.send_signal(signal.SIGKILL)
+    p.wait()
+    done = len(list(killed.glob("eval/*/repeat*.npz")))
+    assert 3 <= done < 2 * 15, done  # killed part-way through the 2 x 15 batches
+    _main(killed, *small)
+
+    (ref_dir,) = ref.glob("eval/test_*")
+    (killed_dir,) = killed.glob("eval/test_*")
+    a, b = (json.loads((d / "metrics.json").read_text()) for d in (ref_dir, killed_dir))
+    for name in ("ode", "bound"):
+        assert a[name] == b[name]
+    pa, pb = np.load(ref_dir / "per_image.npz"), np.load(killed_dir / "per_image.npz")
+    for k in pa.files:
+        np.testing.assert_array_equal(pa[k], pb[k])
