@@ -52,7 +52,7 @@ import jax.numpy as jnp
 import numpy as np
 import scipy.integrate
 
-from mlscore_jax import bpd, checkpoint, data, experiment, likelihood, models, train
+from mlscore_jax import bpd, data, evaluate, experiment, likelihood, models, parallel, train
 
 REPO = Path(__file__).resolve().parents[1]
 Array = jax.Array
@@ -70,25 +70,16 @@ def load_config(train_steps: int):
 def restore_or_train(config, workdir: str) -> tuple[experiment.Experiment, Any, int, float]:
     """(experiment, EMA params, checkpoint step, seconds spent training (0 if restored))."""
     exp = experiment.from_config(config)
-    tx, _ = train.optimizer_from_config(config)
-    abstract = jax.eval_shape(lambda k: train.init_state(exp, tx, k), jax.random.key(0))
-
-    def restore():
-        ckpt = checkpoint.Checkpointer(workdir, read_only=True)
-        try:
-            return ckpt.restore_latest(abstract)
-        finally:
-            ckpt.close()
-
+    mesh = parallel.make_mesh()
     train_s = 0.0
-    restored = restore()
-    if restored is None:
+    try:
+        state, step = evaluate.restore_for_eval(config, workdir, exp, mesh)
+    except FileNotFoundError:
         print(f"no checkpoint in {workdir}: training {config.training.n_iters} steps first")
         start = time.perf_counter()
-        train.train_and_evaluate(config, workdir, progress=False)
+        train.train_and_evaluate(config, workdir, progress=False, exp=exp)
         train_s = time.perf_counter() - start
-        restored = restore()
-    state, step = restored
+        state, step = evaluate.restore_for_eval(config, workdir, exp, mesh)
     return exp, state.ema_params, step, train_s
 
 

@@ -49,6 +49,7 @@ from mlscore_jax import (
     models,
     parallel,
     sampling,
+    train,
 )
 from mlscore_jax.sde import SDE
 
@@ -175,6 +176,7 @@ def evaluate_split(
     out_dir: str,
     *,
     mesh: jax.sharding.Mesh | None = None,
+    info: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Evaluate every image of `images` `settings.num_repeats` times; resumable through out_dir.
 
@@ -187,6 +189,7 @@ def evaluate_split(
       settings: what to compute.
       out_dir: directory for per-batch results (created; reused to resume).
       mesh: device mesh (default: every device); batches are sharded over it.
+      info: entries to record with the metrics (e.g. the checkpoint step).
 
     Returns:
       The metrics dictionary (also written to out_dir/metrics.json).
@@ -231,8 +234,9 @@ def evaluate_split(
                 os.replace(tmp, path)  # atomic: a killed write leaves no partial result
             logger.info("repeat %d/%d batch %d/%d", r + 1, settings.num_repeats, b + 1, num_batches)
 
-    metrics = _summarize(out_dir, settings, num, num_batches, levels=preprocessing.levels)
-    return metrics
+    return _summarize(
+        out_dir, settings, num, num_batches, levels=preprocessing.levels, info=info or {}
+    )
 
 
 def _gather(out_dir: str, settings: EvalSettings, num: int, num_batches: int) -> dict:
@@ -250,11 +254,18 @@ def _gather(out_dir: str, settings: EvalSettings, num: int, num_batches: int) ->
 
 
 def _summarize(
-    out_dir: str, settings: EvalSettings, num: int, num_batches: int, *, levels: int | None
+    out_dir: str,
+    settings: EvalSettings,
+    num: int,
+    num_batches: int,
+    *,
+    levels: int | None,
+    info: dict[str, Any],
 ) -> dict[str, Any]:
     per = _gather(out_dir, settings, num, num_batches)
     unit = "nats" if levels is None else "bits/dim"
     metrics: dict[str, Any] = {
+        **info,
         "unit": unit,
         "split": settings.split,
         "num_images": num,
@@ -301,24 +312,13 @@ def format_metric(entry: dict | None) -> str:
     return f"{entry['mean']:.4f} +- {se:.4f}" if se is not None else f"{entry['mean']:.4f}"
 
 
-def _abstract_state(exp: experiment.Experiment, config: ml_collections.ConfigDict, mesh):
-    from mlscore_jax import train
-
-    tx, _ = train.optimizer_from_config(config)
-    abstract = jax.eval_shape(lambda k: train.init_state(exp, tx, k), jax.random.key(0))
-    replicated = parallel.replicated(mesh)
-    return jax.tree.map(
-        lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=replicated), abstract
-    )
-
-
 def restore_for_eval(
     config: ml_collections.ConfigDict, workdir: str, exp: experiment.Experiment, mesh
 ) -> tuple[Any, int]:
     """(train state, step) of `eval.ckpt_step` (-1: the newest checkpoint of either kind)."""
     ckpt = checkpoint.Checkpointer(workdir, read_only=True)
     try:
-        abstract = _abstract_state(exp, config, mesh)
+        abstract = train.abstract_state(exp, train.optimizer_from_config(config)[0], mesh)
         step = int(config.eval.ckpt_step)
         if step < 0:
             restored = ckpt.restore_latest(abstract)
@@ -372,15 +372,17 @@ def evaluate(
             f"{settings.split}_step{step}_{'ema' if config.eval.use_ema else 'raw'}"
             f"_{settings.digest()}",
         )
-        metrics.update(
-            evaluate_split(
-                score_fn, exp.sde, exp.preprocessing, images, settings, out_dir, mesh=mesh
-            )
+        metrics = evaluate_split(
+            score_fn,
+            exp.sde,
+            exp.preprocessing,
+            images,
+            settings,
+            out_dir,
+            mesh=mesh,
+            info={**metrics, "dir": out_dir},
         )
-        metrics["dir"] = out_dir
         if jax.process_index() == 0:
-            with open(os.path.join(out_dir, "metrics.json"), "w") as f:
-                json.dump(metrics, f, indent=1)
             _append_result(workdir, metrics, exp)
             logger.info("metrics: %s", json.dumps({k: metrics.get(k) for k in ("ode", "bound")}))
     if config.eval.enable_sampling:

@@ -139,6 +139,16 @@ def batch_loss(
     return per_example.mean()
 
 
+def abstract_state(exp: experiment.Experiment, tx: optax.GradientTransformation, mesh) -> Any:
+    """The TrainState as `jax.ShapeDtypeStruct`s replicated over `mesh`: the restore target of
+    a checkpoint (training resumes, evaluation reads), built without allocating anything."""
+    abstract = jax.eval_shape(lambda k: init_state(exp, tx, k), jax.random.key(0))
+    replicated = parallel.replicated(mesh)
+    return jax.tree.map(
+        lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=replicated), abstract
+    )
+
+
 def train_step(
     state: TrainState,
     batch: Array,
@@ -284,10 +294,7 @@ def train_and_evaluate(
         lambda key: init_state(exp, tx, key), out_shardings=replicated
     )  # sharded from creation
     root_key = jax.random.key(config.seed)
-    abstract = jax.eval_shape(init, root_key)
-    abstract = jax.tree.map(
-        lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=replicated), abstract
-    )
+    abstract = abstract_state(exp, tx, mesh)
 
     ckpt = checkpoint.Checkpointer(
         workdir, snapshot_freq=t.snapshot_freq, preemption_freq=t.snapshot_freq_for_preemption
