@@ -24,7 +24,7 @@ from collections.abc import Callable
 import jax
 import numpy as np
 
-from mlscore_jax import data
+from mlscore_jax import batches, preprocessing
 
 REFERENCE_IMAGES_PER_S = 1000  # order of magnitude the training step consumes
 
@@ -62,7 +62,7 @@ def main() -> None:
         per_call = batch_size * n_steps
 
         def host(i, batch_size=batch_size, n_steps=n_steps):
-            return data.train_batches(
+            return batches.train_batches(
                 images,
                 seed=0,
                 first_step=i * n_steps,
@@ -74,7 +74,7 @@ def main() -> None:
             host_rates[batch_size, n_steps] = images_per_second(host, per_call, args.seconds)
         prep = jax.jit(
             functools.partial(
-                data.preprocess,
+                preprocessing.preprocess,
                 levels=256,
                 uniform_dequantization=uniform,
                 centered=True,

@@ -52,35 +52,44 @@ import jax.numpy as jnp
 import numpy as np
 import scipy.integrate
 
-from mlscore_jax import bpd, data, evaluate, experiment, likelihood, models, parallel, train
+from mlscore_jax import (
+    bpd,
+    evaluate,
+    experiment,
+    likelihood,
+    models,
+    parallel,
+    preprocessing,
+    train,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 Array = jax.Array
 
 
-def load_config(train_steps: int):
+def load_experiment(train_steps: int) -> experiment.Experiment:
     sys.path.insert(0, str(REPO))
     from configs.cpu import digits_ddpmpp
 
-    config = digits_ddpmpp.get_config()
-    config.training.n_iters = train_steps
-    return config
+    exp = experiment.from_config(digits_ddpmpp.get_config(), source="configs/cpu/digits_ddpmpp.py")
+    return exp.replace(train=dataclasses.replace(exp.train, n_iters=train_steps))
 
 
-def restore_or_train(config, workdir: str) -> tuple[experiment.Experiment, Any, int, float]:
+def restore_or_train(
+    exp: experiment.Experiment, workdir: str
+) -> tuple[experiment.Experiment, Any, int, float]:
     """(experiment, EMA params, checkpoint step, seconds spent training (0 if restored))."""
-    exp = experiment.from_config(config)
     mesh = parallel.make_mesh()
     train_s = 0.0
     try:
-        state, step = evaluate.restore_for_eval(config, workdir, exp, mesh)
+        params, step = evaluate.restore_params(exp, workdir, mesh)
     except FileNotFoundError:
-        print(f"no checkpoint in {workdir}: training {config.training.n_iters} steps first")
+        print(f"no checkpoint in {workdir}: training {exp.train.n_iters} steps first")
         start = time.perf_counter()
-        train.train_and_evaluate(config, workdir, progress=False, exp=exp)
+        train.train_and_evaluate(exp, workdir, progress=False)
         train_s = time.perf_counter() - start
-        state, step = evaluate.restore_for_eval(config, workdir, exp, mesh)
-    return exp, state.ema_params, step, train_s
+        params, step = evaluate.restore_params(exp, workdir, mesh)
+    return exp, params, step, train_s
 
 
 # ---------------------------------------------------------------------------------------------
@@ -364,11 +373,10 @@ def main() -> None:
     batch = args.batch or (8 if quick else 16)
     target = args.target or (3e-3 if quick else 1e-3)
 
-    config = load_config(args.train_steps)
-    exp, params, step, train_s = restore_or_train(config, args.workdir)
+    exp, params, step, train_s = restore_or_train(load_experiment(args.train_steps), args.workdir)
     images = exp.dataset.test[:batch]
     k_deq, k_probe = jax.random.split(jax.random.key(args.seed))
-    x = data.preprocess(
+    x = preprocessing.preprocess(
         k_deq, jnp.asarray(images), levels=exp.dataset.levels, uniform_dequantization=True
     )
     probes = jax.random.rademacher(k_probe, x.shape, x.dtype)  # exactly as ode_nll draws them

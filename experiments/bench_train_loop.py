@@ -23,7 +23,7 @@ import mlscore_jax  # noqa: F401  (sets the XLA:CPU flag before any computation)
 
 import jax
 
-from mlscore_jax import data, experiment, train
+from mlscore_jax import batches, experiment, train
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -37,15 +37,15 @@ def main() -> None:
     sys.path.insert(0, str(REPO))
     module = args.config.removesuffix(".py").replace("/", ".")
     config = importlib.import_module(module).get_config()
-    exp = experiment.from_config(config)
-    tx, schedule = train.optimizer_from_config(config)
-    n = config.training.n_jitted_steps
-    batches = data.train_batches(
+    exp = experiment.from_config(config, source=args.config)
+    tx, schedule = train.make_optimizer(exp.optim)
+    n = exp.train.n_jitted_steps
+    stack = batches.train_batches(
         exp.dataset.train,
         seed=0,
         first_step=0,
         num_steps=n,
-        global_batch_size=config.training.batch_size,
+        global_batch_size=exp.train.batch_size,
         process_index=0,
         process_count=1,
     )
@@ -59,25 +59,25 @@ def main() -> None:
                 exp=exp,
                 tx=tx,
                 schedule=schedule,
-                ema_rate=config.model.ema_rate,
+                ema_rate=exp.train.ema_rate,
                 unroll=unroll,
             )
         )
         start = time.perf_counter()
-        compiled = fn.lower(state0, batches).compile()
+        compiled = fn.lower(state0, stack).compile()
         compile_s = time.perf_counter() - start
-        state, metrics = compiled(state0, batches)
+        state, metrics = compiled(state0, stack)
         jax.block_until_ready(state)
         best = float("inf")
         for _ in range(args.reps):
             start = time.perf_counter()
             for _ in range(args.calls):
-                state, metrics = compiled(state, batches)
+                state, metrics = compiled(state, stack)
             jax.block_until_ready(state)
             best = min(best, (time.perf_counter() - start) / (args.calls * n))
         rows.append((unroll, compile_s, best, float(metrics["loss"][-1])))
     print(
-        f"{args.config}: batch {config.training.batch_size}, {n} steps per call, "
+        f"{args.config}: batch {exp.train.batch_size}, {n} steps per call, "
         f"{jax.default_backend()} ({jax.device_count()} device(s))\n"
     )
     print("| scan | compile s | ms per step | last loss |")

@@ -17,7 +17,7 @@
 from __future__ import annotations
 
 import argparse
-import copy
+import dataclasses
 import json
 import math
 import sys
@@ -31,7 +31,7 @@ import mlscore_jax  # noqa: F401  (sets the XLA:CPU flag before any computation)
 import jax
 import numpy as np
 
-from mlscore_jax import evaluate, experiment, parallel, train
+from mlscore_jax import bpd, evaluate, experiment, logs, parallel, train
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -62,7 +62,7 @@ def reference_bpd(train: np.ndarray, test: np.ndarray, levels: int, seed: int = 
     for _ in range(8):
         r = np.linalg.solve(chol, (xte + rng.random(xte.shape) - mean).T)
         nats.append(0.5 * (r**2).sum(0) + 0.5 * log_det + 0.5 * d * math.log(2 * math.pi))
-    gaussian = float(np.mean(nats)) / (d * math.log(2.0))
+    gaussian = float(np.mean(nats)) * bpd.bits_per_dim_scale(d)  # density of k + u: bins of 1
     return {
         "uniform over the levels": math.log2(levels),
         "per-pixel categorical (fitted on train)": float(categorical),
@@ -82,25 +82,30 @@ def main() -> None:
     sys.path.insert(0, str(REPO))
     from configs.cpu import digits_ddpmpp
 
-    config = digits_ddpmpp.get_config()
-    if args.steps is not None:
-        config.training.n_iters = args.steps
-    config.eval.num_repeats = args.repeats
-    config.eval.enable_sampling = True
-    config.sampling.method = "pc"
-    exp = experiment.from_config(config)
+    logs.setup(str(Path(args.workdir) / "log.txt"))
+    exp = experiment.from_config(digits_ddpmpp.get_config(), source="configs/cpu/digits_ddpmpp.py")
+    exp = exp.replace(
+        train=dataclasses.replace(exp.train, n_iters=args.steps or exp.train.n_iters),
+        eval=dataclasses.replace(
+            exp.eval,
+            bpd=dataclasses.replace(exp.eval.bpd, num_repeats=args.repeats),
+            enable_sampling=True,
+        ),
+        sampling=dataclasses.replace(exp.sampling, method="pc"),
+    )
     print(f"data: {exp.dataset!r}\nworkdir: {args.workdir}", flush=True)
 
     start = time.perf_counter()
-    train.train_and_evaluate(config, args.workdir, progress=True, exp=exp)
+    train.train_and_evaluate(exp, args.workdir, progress=True)
     train_s = time.perf_counter() - start
     start = time.perf_counter()
-    metrics = evaluate.evaluate(config, args.workdir, exp=exp)
-    ode_config = copy.deepcopy(config)
-    ode_config.sampling.method = "ode"
-    state, step = evaluate.restore_for_eval(config, args.workdir, exp, parallel.make_mesh())
+    metrics = evaluate.evaluate(exp, args.workdir, progress=True)
+    params, step = evaluate.restore_params(exp, args.workdir, parallel.make_mesh())
     ode_samples = evaluate.sample_to_files(
-        ode_config, exp, state.ema_params, f"{args.workdir}/eval/samples_ode_step{step}"
+        exp,
+        params,
+        f"{args.workdir}/eval/samples_ode_step{step}",
+        settings=dataclasses.replace(exp.sampling, method="ode"),
     )
     eval_s = time.perf_counter() - start
 

@@ -81,6 +81,13 @@ def to_uint(x: Array, levels: int = 256, centered: bool = True) -> Array:
     return k.astype(jnp.uint8 if levels <= 256 else jnp.int32)
 
 
+def bits_per_dim_scale(num_dims: int) -> float:
+    """1 / (D ln 2): the factor that turns nats (a difference or a standard error) into bits/dim."""
+    if int(num_dims) != num_dims or num_dims < 1:
+        raise ValueError(f"num_dims must be a positive integer, got {num_dims!r}")
+    return 1.0 / (num_dims * math.log(2.0))
+
+
 def nats_to_bpd(
     nll: Array,
     num_dims: int,
@@ -101,7 +108,8 @@ def nats_to_bpd(
     Returns:
       [B] bits per dimension.
     """
-    bpd = jnp.asarray(nll) / (num_dims * math.log(2.0)) + bpd_offset(levels, centered)
+    scale = bits_per_dim_scale(num_dims)
+    bpd = jnp.asarray(nll) * scale + bpd_offset(levels, centered)
     if log_q_dequant is not None:
-        bpd = bpd + jnp.asarray(log_q_dequant) / (num_dims * math.log(2.0))
+        bpd = bpd + jnp.asarray(log_q_dequant) * scale
     return bpd

@@ -52,7 +52,9 @@ Usage in a training loop::
     ckpt.close()  # waits for asynchronous writes
 
 Evaluation, possibly while training runs: ``Checkpointer(workdir, read_only=True)``, then
-``snapshot_steps()`` and ``restore(step, abstract)``.
+``snapshot_steps()`` and ``restore(step, {'step': ..., 'ema_params': ...}, fields=True)``: only
+the fields it needs are read, so the optimizer state (whose structure depends on the optimizer
+settings) is neither read nor needs a matching target.
 """
 
 from __future__ import annotations
@@ -168,9 +170,21 @@ def _key_impl_name(x: Any) -> str | None:
     return str(jax.random.key_impl(x)) if _is_key(x) else None
 
 
-def _check_leaves(tree: Any, what: str) -> tuple[list[str], list[Any], Any]:
+def _record_path(path: tuple, fields: bool) -> str:
+    """The integrity record's name of a leaf: ``keystr`` of its path in the saved state.
+
+    With ``fields`` the target is ``{field: subtree}`` of a saved dataclass state, whose leaves
+    were recorded as ``.field[...]``.
+    """
+    if fields:
+        head, *rest = path
+        return f".{head.key}" + jax.tree_util.keystr(tuple(rest))
+    return jax.tree_util.keystr(path) or "<root>"
+
+
+def _check_leaves(tree: Any, what: str, fields: bool = False) -> tuple[list[str], list[Any], Any]:
     paths_leaves, treedef = jax.tree_util.tree_flatten_with_path(tree)
-    paths = [jax.tree_util.keystr(p) or "<root>" for p, _ in paths_leaves]
+    paths = [_record_path(p, fields) for p, _ in paths_leaves]
     leaves = [x for _, x in paths_leaves]
     for path, x in zip(paths, leaves, strict=True):
         if not isinstance(x, jax.Array | np.ndarray | jax.ShapeDtypeStruct):
@@ -395,7 +409,9 @@ class Checkpointer:
 
     # -- restoring -----------------------------------------------------------------------------
 
-    def restore(self, step: int, abstract_state: Any, *, kind: Kind = "snapshot") -> Any:
+    def restore(
+        self, step: int, abstract_state: Any, *, kind: Kind = "snapshot", fields: bool = False
+    ) -> Any:
         """Restores the checkpoint of ``kind`` at ``step`` into ``abstract_state``'s layout.
 
         Args:
@@ -404,9 +420,14 @@ class Checkpointer:
             structure, shapes and dtypes as the saved state; each leaf's ``sharding`` says where
             the restored array goes. Leaves without one go to the first device (one process only).
           kind: 'snapshot' or 'preemption'.
+          fields: restore only some top-level fields of the saved state: ``abstract_state`` is
+            then a dict ``{field name: target subtree}`` (e.g. ``{'step': ..., 'ema_params':
+            ...}`` of a train state) and only those leaves are read and verified; the rest of
+            the checkpoint (e.g. the optimizer state) may have any structure.
 
         Returns:
-          The restored state, bit-identical to what was saved, with the requested shardings.
+          The restored state (a dict of the fields, with ``fields``), bit-identical to what was
+          saved, with the requested shardings.
 
         Raises:
           CheckpointError: no complete checkpoint of ``kind`` at ``step``.
@@ -420,9 +441,11 @@ class Checkpointer:
                 f"no complete {kind} checkpoint of step {step} in {self.directory(kind)} "
                 f"(complete: {available})"
             )
-        return self._restore_verified(kind, step, abstract_state)
+        return self._restore_verified(kind, step, abstract_state, fields)
 
-    def restore_latest(self, abstract_state: Any) -> tuple[Any, int] | None:
+    def restore_latest(
+        self, abstract_state: Any, *, fields: bool = False
+    ) -> tuple[Any, int] | None:
         """Restores the newest usable checkpoint among snapshots and pre-emption checkpoints.
 
         Damaged checkpoints are skipped with a ``logging.warning`` naming their directory; when
@@ -431,7 +454,7 @@ class Checkpointer:
         (temporary) directories are ignored with a warning.
 
         Args:
-          abstract_state: as for :meth:`restore`.
+          abstract_state, fields: as for :meth:`restore`.
 
         Returns:
           ``(state, step)``, or ``None`` when there is no checkpoint at all.
@@ -449,7 +472,7 @@ class Checkpointer:
         damaged: list[tuple[Kind, int, str]] = []
         for step, _, kind in candidates:
             try:
-                state = self._restore_verified(kind, step, abstract_state)
+                state = self._restore_verified(kind, step, abstract_state, fields)
             except DamagedCheckpointError as e:
                 logging.warning("Skipping damaged checkpoint %s", e)
                 damaged.append((kind, step, str(e)))
@@ -470,11 +493,15 @@ class Checkpointer:
             )
         return None
 
-    def _restore_verified(self, kind: Kind, step: int, abstract_state: Any) -> Any:
+    def _restore_verified(
+        self, kind: Kind, step: int, abstract_state: Any, fields: bool = False
+    ) -> Any:
         manager = self._manager(kind)
         assert manager is not None
         where = self.step_directory(step, kind)
-        paths, leaves, treedef = _check_leaves(abstract_state, "restore target")
+        if fields and not isinstance(abstract_state, dict):
+            raise TypeError("with fields=True the restore target is a dict {field: subtree}")
+        paths, leaves, treedef = _check_leaves(abstract_state, "restore target", fields)
         target = [_abstract_leaf(x) for x in leaves]
 
         error: BaseException | None = None
@@ -484,11 +511,23 @@ class Checkpointer:
             record = manager.restore(
                 step, args=ocp.args.Composite(**{_INTEGRITY_ITEM: ocp.args.JsonRestore()})
             )[_INTEGRITY_ITEM]
-            _compare_with_record(where, paths, target, record)
+            _compare_with_record(where, paths, target, record, subset=fields)
             storage = jax.tree_util.tree_unflatten(treedef, [_storage_abstract(x) for x in target])
-            restored_tree = manager.restore(
-                step, args=ocp.args.Composite(**{_STATE_ITEM: ocp.args.StandardRestore(storage)})
-            )[_STATE_ITEM]
+            if fields:  # only these leaves: orbax's partial restore of the state item
+                with ocp.PyTreeCheckpointer() as reader:
+                    restored_tree = reader.restore(
+                        epath.Path(where) / _STATE_ITEM,
+                        args=ocp.args.PyTreeRestore(
+                            item=storage,
+                            restore_args=ocp.checkpoint_utils.construct_restore_args(storage),
+                            partial_restore=True,
+                        ),
+                    )
+            else:
+                restored_tree = manager.restore(
+                    step,
+                    args=ocp.args.Composite(**{_STATE_ITEM: ocp.args.StandardRestore(storage)}),
+                )[_STATE_ITEM]
             restored = jax.tree_util.tree_leaves(restored_tree)
         except StateMismatchError:
             raise
@@ -539,11 +578,16 @@ class Checkpointer:
 
 
 def _compare_with_record(
-    where: str, paths: list[str], target: list[jax.ShapeDtypeStruct], record: dict[str, Any]
+    where: str,
+    paths: list[str],
+    target: list[jax.ShapeDtypeStruct],
+    record: dict[str, Any],
+    *,
+    subset: bool = False,
 ) -> None:
     saved = record["leaves"]
     missing = [p for p in paths if p not in saved]
-    extra = [p for p in saved if p not in set(paths)]
+    extra = [] if subset else [p for p in saved if p not in set(paths)]
     if missing or extra:
         raise StateMismatchError(
             f"{where}: restore target and checkpoint have different trees; only in the target: "

@@ -1,18 +1,21 @@
 """Bits/dim of a trained model over a whole split, by the probability-flow ODE and by the bound.
 
-`evaluate(config, workdir)` restores a checkpoint (the newest, or `eval.ckpt_step`), takes the EMA
-parameters (`eval.use_ema`), and for `eval.num_repeats` repeats of the whole split
-(`eval.bpd_dataset`: 'test' or 'train') computes per image
+`evaluate(exp, workdir)` restores the parameters of a checkpoint (the newest, or
+`exp.eval.ckpt_step`): the EMA parameters (`exp.eval.use_ema`) and the step, nothing else, so the
+optimizer settings need not match the training run's. For `num_repeats` repeats of the whole split
+(`exp.eval.bpd`, a `settings.BpdSettings`) it computes per image
 
 * the ODE NLL (`likelihood.ode_nll`, `eval.ode`) and its NFE,
 * the variational bound (`bound.nll_bound`, `eval.bound`) with its Monte-Carlo standard error,
 
 on uniformly dequantized images (fresh dequantization noise, probes and time draws per repeat),
-converted to bits/dim by `bpd.nats_to_bpd` (continuous data: nats). Every image counts exactly
-once per repeat (padded batches with a mask). Each (repeat, batch) result is written to its own
-file as soon as it is computed, so a killed evaluation resumes where it stopped and gives the
-same final numbers. At the end it writes `per_image.npz`, `metrics.json` and a line of
-`workdir/results.md`.
+converted to bits/dim by `bpd.nats_to_bpd` (continuous data: nats). Parameters enter the compiled
+batch function as an argument, and the compiled function is cached by (score model, SDE,
+preprocessing, settings, mesh): evaluating a second checkpoint of the same model compiles nothing.
+Every image counts exactly once per repeat (padded batches with a mask). Each (repeat, batch)
+result is written to its own file as soon as it is computed, so a killed evaluation resumes where
+it stopped and gives the same final numbers. At the end it writes `per_image.npz`, `metrics.json`
+and a line of `workdir/results.md`.
 
 Two standard errors are reported for each mean:
 * `mc_stderr`: the Monte-Carlo error of the reported number for this fixed set of images (the
@@ -25,7 +28,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
-import hashlib
+import functools
 import json
 import logging
 import math
@@ -36,105 +39,49 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 
 from mlscore_jax import (
+    batches,
     bound,
-    bpd,
     checkpoint,
-    data,
     experiment,
     likelihood,
     models,
+    outputs,
     parallel,
     sampling,
-    train,
 )
+from mlscore_jax.preprocessing import Preprocessing
 from mlscore_jax.sde import SDE
+from mlscore_jax.settings import BpdSettings, SamplingSettings
 
 Array = jax.Array
-ScoreFn = Callable[[Array, Array], Array]
+ParamScoreFn = Callable[[Any, Array, Array], Array]  # score(params, x [B, ...], t [B])
 logger = logging.getLogger(__name__)
 
 
-@dataclasses.dataclass(frozen=True)
-class EvalSettings:
-    """What an evaluation computes; results are only ever combined for equal settings."""
-
-    split: str = "test"
-    batch_size: int = 1024
-    num_repeats: int = 1
-    ode: bool = True
-    bound: bool = True
-    eps: float = 1e-5
-    rtol: float = 1e-5
-    atol: float = 1e-5
-    solver: str = "dopri5"
-    divergence: str = "rademacher"
-    max_steps: int = 4096
-    num_t: int = 1000
-    draws_per_call: int = 1
-    offset: bool = True
-    estimator: str = "dsm"
-    seed: int = 0
-
-    @classmethod
-    def from_config(cls, config: ml_collections.ConfigDict) -> EvalSettings:
-        e = config.eval
-        return cls(
-            split=e.bpd_dataset,
-            batch_size=e.batch_size,
-            num_repeats=e.num_repeats,
-            ode=e.ode,
-            bound=e.bound,
-            eps=float(config.training.smallest_time),
-            rtol=e.rtol,
-            atol=e.atol,
-            solver=e.solver,
-            divergence=e.divergence,
-            max_steps=e.max_steps,
-            num_t=e.num_t,
-            draws_per_call=e.draws_per_call,
-            offset=e.offset,
-            estimator="dsm" if e.dsm else "ssm",
-            seed=config.seed,
-        )
-
-    def digest(self) -> str:
-        text = json.dumps(dataclasses.asdict(self), sort_keys=True)
-        return hashlib.sha256(text.encode()).hexdigest()[:8]
-
-
 def _batch_fn(
-    score_fn: ScoreFn,
+    score_fn: ParamScoreFn,
     sde: SDE,
-    preprocessing: experiment.Preprocessing,
+    preprocessing: Preprocessing,
     num_dims: int,
-    settings: EvalSettings,
-) -> Callable[[Array, Array], dict[str, Array]]:
-    """(integer or float batch [B, ...], key) -> per-image results, all [B]."""
-    levels = preprocessing.levels
-    to_units = (
-        (lambda nll: nll)
-        if levels is None
-        else (
-            lambda nll: bpd.nats_to_bpd(
-                nll, num_dims, levels=levels, centered=preprocessing.centered
-            )
-        )
-    )
-    dequantize = dataclasses.replace(
-        preprocessing, uniform_dequantization=levels is not None, random_flip=False
-    )
+    settings: BpdSettings,
+) -> Callable[[Any, Array, Array], dict[str, Array]]:
+    """(params, integer or float batch [B, ...], key) -> per-image results, all [B]."""
+    dequantize = preprocessing.for_likelihood()
 
-    def fn(batch: Array, key: Array) -> dict[str, Array]:
+    def bits_per_dim_batch(params: Any, batch: Array, key: Array) -> dict[str, Array]:
         k_deq, k_ode, k_bound = jax.random.split(key, 3)
         x = dequantize(k_deq, batch)
+
+        def score(x: Array, t: Array) -> Array:
+            return score_fn(params, x, t)
+
         out = {}
         if settings.ode:
             r = likelihood.ode_nll(
-                score_fn,
+                score,
                 sde,
                 x,
                 k_ode,
@@ -145,11 +92,11 @@ def _batch_fn(
                 solver=settings.solver,
                 max_steps=settings.max_steps,
             )
-            out["ode"] = to_units(r.nll)
+            out["ode"] = preprocessing.nats_to_bpd(r.nll, num_dims)
             out["ode_nfe"] = r.nfe
         if settings.bound:
             b = bound.nll_bound(
-                score_fn,
+                score,
                 sde,
                 x,
                 k_bound,
@@ -159,43 +106,92 @@ def _batch_fn(
                 estimator=settings.estimator,
                 draws_per_call=settings.draws_per_call,
             )
-            out["bound"] = to_units(b.nll)
-            scale = 1.0 if levels is None else 1.0 / (num_dims * math.log(2.0))
-            out["bound_stderr"] = b.stderr * scale
+            out["bound"] = preprocessing.nats_to_bpd(b.nll, num_dims)
+            out["bound_stderr"] = b.stderr * preprocessing.nats_scale(num_dims)
         return out
 
-    return fn
+    return bits_per_dim_batch
+
+
+@functools.lru_cache(maxsize=16)
+def _compiled_batch_fn(
+    score_fn: ParamScoreFn,
+    sde: SDE,
+    preprocessing: Preprocessing,
+    num_dims: int,
+    settings: BpdSettings,
+    mesh: jax.sharding.Mesh,
+) -> Callable[[Any, Array, Array], dict[str, Array]]:
+    """One jitted batch function per (score model, SDE, preprocessing, settings, mesh): jit
+    caches its compiled programs on this object, so a second checkpoint reuses them."""
+    replicated = parallel.replicated(mesh)
+    return jax.jit(
+        _batch_fn(score_fn, sde, preprocessing, num_dims, settings),
+        in_shardings=(replicated, parallel.data_sharding(mesh), replicated),
+        out_shardings=replicated,
+    )
+
+
+class _Progress:
+    """A progress bar over images (process 0, when asked): images done / total, NFE so far."""
+
+    def __init__(self, total: int, done: int, enabled: bool, what: str):
+        self.bar = None
+        self.nfe: list[float] = []
+        if enabled and jax.process_index() == 0:
+            from tqdm import tqdm
+
+            self.bar = tqdm(
+                total=total, initial=done, unit="img", desc=what, dynamic_ncols=True, leave=True
+            )
+
+    def update(self, n: int, out: dict[str, np.ndarray], valid: int) -> None:
+        if self.bar is None:
+            return
+        if "ode_nfe" in out:
+            self.nfe.append(float(np.mean(out["ode_nfe"][:valid])))
+            self.bar.set_postfix(ode_nfe_mean=f"{np.mean(self.nfe):.0f}")
+        self.bar.update(n)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
 
 
 def evaluate_split(
-    score_fn: ScoreFn,
+    score_fn: ParamScoreFn,
     sde: SDE,
-    preprocessing: experiment.Preprocessing,
+    preprocessing: Preprocessing,
     images: np.ndarray,
-    settings: EvalSettings,
+    settings: BpdSettings,
     out_dir: str,
     *,
+    params: Any = None,
     mesh: jax.sharding.Mesh | None = None,
     info: dict[str, Any] | None = None,
+    progress: bool = False,
 ) -> dict[str, Any]:
     """Evaluate every image of `images` `settings.num_repeats` times; resumable through out_dir.
 
     Args:
-      score_fn: s(x [B, ...], t [B]) -> [B, ...] of the model to evaluate.
+      score_fn: score(params, x [B, ...], t [B]) -> [B, ...] of the model to evaluate (e.g.
+        `models.ScoreModel(model, sde)`; a closed-form score may ignore params). Compiled
+        programs are cached by its identity or value, so pass the same object (or an equal
+        `ScoreModel`) for another checkpoint.
       sde: its forward SDE.
-      preprocessing: how the stored images become model inputs (dequantization is forced on
-        for quantized data, flips off).
+      preprocessing: how the stored images become model inputs; evaluation uses
+        `preprocessing.for_likelihood()` (uniform dequantization for quantized data, no flips).
       images: [N, ...] the split, integer images or float points.
       settings: what to compute.
       out_dir: directory for per-batch results (created; reused to resume).
+      params: the parameters passed to score_fn (replicated over the mesh).
       mesh: device mesh (default: every device); batches are sharded over it.
       info: entries to record with the metrics (e.g. the checkpoint step).
+      progress: show a progress bar (images done / total, NFE so far) on process 0.
 
     Returns:
       The metrics dictionary (also written to out_dir/metrics.json).
     """
-    if settings.num_repeats < 1:
-        raise ValueError("eval.num_repeats must be >= 1")
     if not (settings.ode or settings.bound):
         raise ValueError("nothing to evaluate: eval.ode and eval.bound are both False")
     mesh = mesh if mesh is not None else parallel.make_mesh()
@@ -207,39 +203,54 @@ def evaluate_split(
             json.dump(dataclasses.asdict(settings), f, indent=1)
 
     num = images.shape[0]
+    if num == 0:
+        raise ValueError(f"no images to evaluate in the {settings.split} split")
     num_dims = math.prod(images.shape[1:])
-    fn = jax.jit(
-        _batch_fn(score_fn, sde, preprocessing, num_dims, settings),
-        in_shardings=(parallel.data_sharding(mesh), parallel.replicated(mesh)),
-        out_shardings=parallel.replicated(mesh),
-    )
+    fn = _compiled_batch_fn(score_fn, sde, preprocessing, num_dims, settings, mesh)
+    params = jax.device_put(params, parallel.replicated(mesh))
     base = jax.random.key(settings.seed)
-    num_batches = data.num_eval_batches(num, settings.batch_size)
-    for r in range(settings.num_repeats):
-        batches = data.eval_batches(
-            images,
-            settings.batch_size,
-            process_index=jax.process_index(),
-            process_count=jax.process_count(),
-        )
-        for b, (batch, _) in enumerate(batches):
-            path = os.path.join(out_dir, f"repeat{r:03d}_batch{b:05d}.npz")
-            if os.path.exists(path):
-                continue  # computed before an interruption
-            key = jax.random.fold_in(jax.random.fold_in(base, r), b)
-            out = jax.device_get(fn(parallel.shard_batch(batch, mesh), key))
-            if jax.process_index() == 0:
-                tmp = path + ".tmp.npz"
-                np.savez(tmp, **out)
-                os.replace(tmp, path)  # atomic: a killed write leaves no partial result
-            logger.info("repeat %d/%d batch %d/%d", r + 1, settings.num_repeats, b + 1, num_batches)
+    num_batches = batches.num_eval_batches(num, settings.batch_size)
+
+    def path_of(r: int, b: int) -> str:
+        return os.path.join(out_dir, f"repeat{r:03d}_batch{b:05d}.npz")
+
+    def images_in(b: int) -> int:
+        return min(settings.batch_size, num - b * settings.batch_size)
+
+    todo = [(r, b) for r in range(settings.num_repeats) for b in range(num_batches)]
+    done = sum(images_in(b) for r, b in todo if os.path.exists(path_of(r, b)))
+    bar = _Progress(settings.num_repeats * num, done, progress, f"bits/dim ({settings.split})")
+    try:
+        for r in range(settings.num_repeats):
+            split = batches.eval_batches(
+                images,
+                settings.batch_size,
+                process_index=jax.process_index(),
+                process_count=jax.process_count(),
+            )
+            for b, (batch, _) in enumerate(split):
+                path = path_of(r, b)
+                if os.path.exists(path):
+                    continue  # computed before an interruption
+                key = jax.random.fold_in(jax.random.fold_in(base, r), b)
+                out = jax.device_get(fn(params, parallel.shard_batch(batch, mesh), key))
+                if jax.process_index() == 0:
+                    tmp = path + ".tmp.npz"
+                    np.savez(tmp, **out)
+                    os.replace(tmp, path)  # atomic: a killed write leaves no partial result
+                logger.debug(
+                    "repeat %d/%d batch %d/%d", r + 1, settings.num_repeats, b + 1, num_batches
+                )
+                bar.update(images_in(b), out, images_in(b))
+    finally:
+        bar.close()
 
     return _summarize(
         out_dir, settings, num, num_batches, levels=preprocessing.levels, info=info or {}
     )
 
 
-def _gather(out_dir: str, settings: EvalSettings, num: int, num_batches: int) -> dict:
+def _gather(out_dir: str, settings: BpdSettings, num: int, num_batches: int) -> dict:
     """Per-image arrays [R, N] from the per-batch files (padding dropped)."""
     per = {}
     for r in range(settings.num_repeats):
@@ -255,7 +266,7 @@ def _gather(out_dir: str, settings: EvalSettings, num: int, num_batches: int) ->
 
 def _summarize(
     out_dir: str,
-    settings: EvalSettings,
+    settings: BpdSettings,
     num: int,
     num_batches: int,
     *,
@@ -312,25 +323,59 @@ def format_metric(entry: dict | None) -> str:
     return f"{entry['mean']:.4f} +- {se:.4f}" if se is not None else f"{entry['mean']:.4f}"
 
 
-def restore_for_eval(
-    config: ml_collections.ConfigDict, workdir: str, exp: experiment.Experiment, mesh
+def _restore_target(exp: experiment.Experiment, mesh: jax.sharding.Mesh, use_ema: bool) -> dict:
+    """The fields evaluation reads from a train state: the step and one parameter tree."""
+    replicated = parallel.replicated(mesh)
+    params = models.abstract_variables(exp.model, (1, *exp.example_shape))["params"]
+    params = jax.tree.map(
+        lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=replicated), params
+    )
+    return {
+        "step": jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated),
+        "ema_params" if use_ema else "params": params,
+    }
+
+
+def restore_params(
+    exp: experiment.Experiment,
+    workdir: str,
+    mesh: jax.sharding.Mesh,
+    *,
+    step: int | None = None,
+    use_ema: bool | None = None,
 ) -> tuple[Any, int]:
-    """(train state, step) of `eval.ckpt_step` (-1: the newest checkpoint of either kind)."""
+    """(parameters, step) of a checkpoint of `workdir`, reading nothing else.
+
+    Only the step and the EMA (or raw) parameters are read: the optimizer state is not, so
+    evaluation does not depend on the optimizer settings of the run that trained the model.
+
+    Args:
+      exp: the experiment (its network gives the parameter shapes).
+      workdir: the training run's directory.
+      mesh: parameters are replicated over it.
+      step: which checkpoint; default `exp.eval.ckpt_step` (-1: the newest of either kind).
+      use_ema: EMA parameters (default `exp.eval.use_ema`) or the raw ones.
+
+    Raises:
+      FileNotFoundError: no checkpoint (of that step) in workdir.
+    """
+    step = exp.eval.ckpt_step if step is None else step
+    use_ema = exp.eval.use_ema if use_ema is None else use_ema
+    target = _restore_target(exp, mesh, use_ema)
+    name = "ema_params" if use_ema else "params"
     ckpt = checkpoint.Checkpointer(workdir, read_only=True)
     try:
-        abstract = train.abstract_state(exp, train.optimizer_from_config(config)[0], mesh)
-        step = int(config.eval.ckpt_step)
         if step < 0:
-            restored = ckpt.restore_latest(abstract)
+            restored = ckpt.restore_latest(target, fields=True)
             if restored is None:
                 raise FileNotFoundError(
                     f"no checkpoint in {workdir}: train first (make train CONFIG=... "
                     f"WORKDIR={workdir})"
                 )
-            return restored
+            return restored[0][name], restored[1]
         for kind in ("snapshot", "preemption"):
             if step in ckpt.steps(kind):
-                return ckpt.restore(step, abstract, kind=kind), step
+                return ckpt.restore(step, target, kind=kind, fields=True)[name], step
         raise FileNotFoundError(
             f"no checkpoint of step {step} in {workdir}; snapshots: {ckpt.snapshot_steps()}, "
             f"pre-emption: {ckpt.steps('preemption')}"
@@ -339,93 +384,90 @@ def restore_for_eval(
         ckpt.close()
 
 
-def evaluate(
-    config: ml_collections.ConfigDict,
-    workdir: str,
-    *,
-    exp: experiment.Experiment | None = None,
-) -> dict[str, Any]:
-    """Evaluate the checkpoint of `config` in `workdir`; returns (and writes) the metrics.
+def bpd_directory(exp: experiment.Experiment, workdir: str, step: int) -> str:
+    """Where the per-batch results of this evaluation live (named by its settings' digest)."""
+    s = exp.eval.bpd
+    kind = "ema" if exp.eval.use_ema else "raw"
+    return os.path.join(workdir, "eval", f"{s.split}_step{step}_{kind}_{s.digest()}")
 
-    `eval.enable_bpd`: bits/dim by ODE and bound (`evaluate_split`) into
-    workdir/eval/<split>_step<step>_<ema|raw>_<settings digest>/; `eval.enable_sampling`:
-    `eval.num_samples` samples by `config.sampling` into workdir/eval/samples_step<step>.{npz,png}.
+
+def evaluate(exp: experiment.Experiment, workdir: str, *, progress: bool = False) -> dict[str, Any]:
+    """Evaluate the checkpoint `exp.eval.ckpt_step` of `workdir`; returns (and writes) metrics.
+
+    `exp.eval.enable_bpd`: bits/dim by ODE and bound (`evaluate_split`) into
+    `bpd_directory(...)`; `exp.eval.enable_sampling`: `exp.eval.num_samples` samples by
+    `exp.sampling` into workdir/eval/samples_step<step>.{npz,png}.
     """
-    exp = exp if exp is not None else experiment.from_config(config)
-    if not (config.eval.enable_bpd or config.eval.enable_sampling):
-        raise ValueError("nothing to do: eval.enable_bpd and eval.enable_sampling are both False")
     mesh = parallel.make_mesh()
-    state, step = restore_for_eval(config, workdir, exp, mesh)
-    params = state.ema_params if config.eval.use_ema else state.params
-    metrics: dict[str, Any] = {"step": step, "ema": bool(config.eval.use_ema)}
-    if config.eval.enable_bpd:
-        score_fn = models.get_score_fn(exp.model, {"params": params}, exp.sde)
-        settings = EvalSettings.from_config(config)
-        images = {"test": exp.dataset.test, "train": exp.dataset.train}.get(settings.split)
-        if images is None:
-            raise ValueError(f"eval.bpd_dataset must be 'test' or 'train', got {settings.split!r}")
+    params, step = restore_params(exp, workdir, mesh)
+    metrics: dict[str, Any] = {"step": step, "ema": exp.eval.use_ema}
+    if exp.eval.enable_bpd:
+        settings = exp.eval.bpd
+        images = exp.dataset.test if settings.split == "test" else exp.dataset.train
         if images.shape[0] == 0:
             raise ValueError(f"the {settings.split} split of {exp.dataset.name} is empty")
-        out_dir = os.path.join(
-            workdir,
-            "eval",
-            f"{settings.split}_step{step}_{'ema' if config.eval.use_ema else 'raw'}"
-            f"_{settings.digest()}",
-        )
+        out_dir = bpd_directory(exp, workdir, step)
         metrics = evaluate_split(
-            score_fn,
+            models.ScoreModel(exp.model, exp.sde),
             exp.sde,
             exp.preprocessing,
             images,
             settings,
             out_dir,
+            params=params,
             mesh=mesh,
             info={**metrics, "dir": out_dir},
+            progress=progress,
         )
         if jax.process_index() == 0:
             _append_result(workdir, metrics, exp)
             logger.info("metrics: %s", json.dumps({k: metrics.get(k) for k in ("ode", "bound")}))
-    if config.eval.enable_sampling:
+    if exp.eval.enable_sampling:
         metrics["samples"] = sample_to_files(
-            config, exp, params, os.path.join(workdir, "eval", f"samples_step{step}")
+            exp, params, os.path.join(workdir, "eval", f"samples_step{step}")
         )
     return metrics
 
 
-def sample_to_files(
-    config: ml_collections.ConfigDict, exp: experiment.Experiment, params: Any, prefix: str
-) -> dict[str, Any]:
-    """`eval.num_samples` samples by `config.sampling`: prefix.npz (model space) and, for
-    images, prefix.png (a grid); returns the sampler, its NFE and the file names."""
-    shape = (config.eval.num_samples, *exp.example_shape)
-    key = jax.random.fold_in(jax.random.key(config.seed), 0x5A3)  # not a training/eval key
-
+@functools.lru_cache(maxsize=8)
+def _compiled_sampler(
+    score_fn: ParamScoreFn, sde: SDE, shape: tuple[int, ...], settings: SamplingSettings
+) -> Callable[[Any, Array], sampling.SampleResult]:
     def draw(params: Any, key: Array) -> sampling.SampleResult:
-        score_fn = models.get_score_fn(exp.model, {"params": params}, exp.sde)
-        return sampling.sample_from_config(score_fn, exp.sde, shape, key, config.sampling)
+        return sampling.sample(lambda x, t: score_fn(params, x, t), sde, shape, key, settings)
 
+    return jax.jit(draw)
+
+
+def sample_to_files(
+    exp: experiment.Experiment,
+    params: Any,
+    prefix: str,
+    *,
+    settings: SamplingSettings | None = None,
+) -> dict[str, Any]:
+    """`exp.eval.num_samples` samples by `settings` (default `exp.sampling`): prefix.npz (model
+    space) and, for images, prefix.png (a grid); returns the sampler, its NFE and the files."""
+    settings = settings or exp.sampling
+    shape = (exp.eval.num_samples, *exp.example_shape)
+    key = jax.random.fold_in(jax.random.key(exp.train.seed), 0x5A3)  # not a training/eval key
+    draw = _compiled_sampler(models.ScoreModel(exp.model, exp.sde), exp.sde, shape, settings)
     start = time.perf_counter()
-    result = jax.device_get(jax.jit(draw)(params, key))
+    result = jax.device_get(draw(params, key))
     seconds = time.perf_counter() - start
     out: dict[str, Any] = {
-        "method": config.sampling.method,
+        "method": settings.method,
         "num_samples": shape[0],
         "nfe_mean": float(np.mean(result.nfe)),
         "seconds_incl_compile": seconds,
     }
     if jax.process_index() == 0:
-        os.makedirs(os.path.dirname(prefix), exist_ok=True)
-        np.savez(prefix + ".npz", x=result.x, nfe=result.nfe)
-        out["npz"] = prefix + ".npz"
-        levels = exp.dataset.levels
-        if exp.dataset.is_image and levels is not None:
-            images = bpd.to_uint(
-                jnp.asarray(result.x), levels=levels, centered=exp.preprocessing.centered
+        levels = exp.dataset.levels if exp.dataset.is_image else None
+        out.update(
+            outputs.write_samples(
+                prefix, result.x, result.nfe, levels=levels, centered=exp.preprocessing.centered
             )
-            # Show the levels as intensities 0..255 (digits have 17 levels).
-            images = np.asarray(images, np.float64) * (255.0 / (levels - 1))
-            sampling.save_image_grid(prefix + ".png", np.round(images).astype(np.uint8))
-            out["png"] = prefix + ".png"
+        )
         logger.info("samples: %s", out)
     return out
 

@@ -1,154 +1,367 @@
-"""The edge where a configuration becomes typed objects.
+"""The one edge where a configuration becomes typed objects.
 
-`from_config(config)` reads an ml_collections ConfigDict once and returns an `Experiment`: the
-SDE, the network, the data set and the options of preprocessing and of the loss, each a plain
-typed object. Training and evaluation take the Experiment; the math core (`sde`, `losses`,
-`bound`, `likelihood`, `models`) never sees a ConfigDict.
+`from_config(config, source=...)` reads an ml_collections ConfigDict once and returns an
+`Experiment`: the SDE, the network, the data set, the preprocessing and the loss, next to the
+typed settings of training, optimizer, evaluation and sampling (`settings`). Training
+(`train.train_and_evaluate(exp, workdir)`), evaluation (`evaluate.evaluate(exp, workdir)`) and
+sampling take the Experiment or its parts; no other module reads a ConfigDict.
+
+Every key of every section is checked. A key that nothing reads is an error naming the key and
+the config file (a typo in a config file must not be silently dropped). Options that belong to
+another data set, model or SDE family (the shared defaults carry them all, e.g. `model.nf` in an
+MLP config, `data.train_file` for CIFAR-10) are ignored by name and listed in
+`Experiment.ignored`; for a data set, such an option set to anything but its neutral default is
+an error, since it would otherwise have no effect.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import difflib
+import logging
 from typing import Any
 
 import flax.linen as nn
-import jax
 import ml_collections
 
-from mlscore_jax import data, models
+from mlscore_jax import datasets, models
+from mlscore_jax.preprocessing import Preprocessing
 from mlscore_jax.sde import SDE, VESDE, VPSDE, SubVPSDE
+from mlscore_jax.settings import (
+    BpdSettings,
+    EvalSettings,
+    OptimizerSettings,
+    SamplingSettings,
+    TrainSettings,
+)
 
-Array = jax.Array
+logger = logging.getLogger(__name__)
+
+SECTIONS = ("training", "data", "model", "optim", "eval", "sampling")
+TFDS_DATASETS = ("cifar10", "imagenet32", "imagenet_resized32", "mnist", "fashion_mnist")
+
+# data.* options that apply to some data sets only, with their neutral (unset) values.
+_DATA_OPTIONS: dict[str, tuple[tuple[str, ...], Any]] = {
+    "data_dir": (TFDS_DATASETS, ""),
+    "download": (TFDS_DATASETS, False),
+    "train_file": (("npz",), ""),
+    "test_file": (("npz",), ""),
+    "levels": (("npz",), 256),
+    "distribution": (("toy2d",), "checkerboard"),
+}
+# model.* keys of the SDE families: (training.sde names, keys)
+_SDE_KEYS = {
+    "beta_min": ("vpsde", "subvpsde"),
+    "beta_max": ("vpsde", "subvpsde"),
+    "sigma_min": ("vesde", "linearvesde"),
+    "sigma_max": ("vesde", "linearvesde"),
+}
 
 
-@dataclasses.dataclass(frozen=True)
-class Preprocessing:
-    """How integer batches become model inputs (`data.preprocess` options)."""
-
-    levels: int | None
-    centered: bool = True
-    uniform_dequantization: bool = False
-    random_flip: bool = False
-
-    def __call__(self, key: Array | None, x: Array) -> Array:
-        return data.preprocess(
-            key,
-            x,
-            levels=self.levels,
-            uniform_dequantization=self.uniform_dequantization,
-            centered=self.centered,
-            random_flip=self.random_flip,
-        )
+class ConfigError(ValueError):
+    """A config holds a key that nothing reads, lacks one, or has a value that cannot be used."""
 
 
 @dataclasses.dataclass(frozen=True)
 class LossSpec:
     """Options of `losses.dsm_loss` for training."""
 
-    weighting: str  # 'score' or 'likelihood'
+    weighting: str  # 'score' (lambda = sigma^2) or 'likelihood' (lambda = g^2)
     importance_sampling: bool
-    eps: float
-    reduce: str  # 'mean' or 'sum'
+    eps: float  # smallest time
+    reduce: str  # 'mean' or 'sum' over the data dimensions
 
 
 @dataclasses.dataclass(frozen=True)
 class Experiment:
-    """Everything a run needs besides the config's loop settings."""
+    """Everything a run needs, typed; built by `from_config` or directly in Python."""
 
     sde: SDE
     model: nn.Module
-    dataset: data.Dataset
+    dataset: datasets.Dataset
     preprocessing: Preprocessing
     loss: LossSpec
+    train: TrainSettings = TrainSettings()
+    optim: OptimizerSettings = OptimizerSettings()
+    eval: EvalSettings = EvalSettings()
+    sampling: SamplingSettings = SamplingSettings()
+    source: str = "<python>"  # the config file it came from
+    ignored: tuple[str, ...] = ()  # config keys that belong to another data set / model / SDE
 
     @property
     def example_shape(self) -> tuple[int, ...]:
         return self.dataset.example_shape
 
+    def replace(self, **changes: Any) -> Experiment:
+        """A copy with some fields replaced, e.g. `exp.replace(train=...)`."""
+        return dataclasses.replace(self, **changes)
 
-def build_sde(config: ml_collections.ConfigDict) -> SDE:
-    """The forward SDE named by `training.sde`, with the `model.beta_*` / `model.sigma_*` values."""
-    name = config.training.sde.lower()
-    m = config.model
+
+class _Section:
+    """The keys of one config section; every key must be read or ignored by name."""
+
+    def __init__(self, config: ml_collections.ConfigDict, name: str, source: str):
+        if name not in config:
+            raise ConfigError(f"{source}: the config has no section {name!r}")
+        self.name, self.source = name, source
+        self.values: dict[str, Any] = dict(config[name].items())
+        self.seen: set[str] = set()
+        self.ignored: list[str] = []
+
+    def __getitem__(self, key: str) -> Any:
+        if key not in self.values:
+            raise ConfigError(f"{self.source}: missing key {self.name}.{key}")
+        self.seen.add(key)
+        value = self.values[key]
+        return tuple(value) if isinstance(value, list) else value
+
+    def __contains__(self, key: str) -> bool:
+        return key in self.values
+
+    def ignore(self, key: str, why: str) -> None:
+        if key in self.values and key not in self.seen:
+            self.seen.add(key)
+            self.ignored.append(f"{self.name}.{key} ({why})")
+
+    def finish(self) -> list[str]:
+        unknown = sorted(set(self.values) - self.seen)
+        if unknown:
+            key = unknown[0]
+            near = difflib.get_close_matches(key, sorted(self.seen), n=1)
+            hint = f"; did you mean {self.name}.{near[0]}?" if near else ""
+            raise ConfigError(
+                f"{self.source}: unknown key {self.name}.{key}: nothing reads it{hint} "
+                f"(known keys of {self.name}: {', '.join(sorted(self.seen))})"
+                + (f"; other unknown keys: {', '.join(unknown[1:])}" if len(unknown) > 1 else "")
+            )
+        return self.ignored
+
+
+def _build_sde(name: str, model: _Section) -> SDE:
+    name = name.lower()
+    for key, families in _SDE_KEYS.items():
+        if name not in families:
+            model.ignore(key, f"for training.sde in {families}")
     if name == "vpsde":
-        return VPSDE(beta_min=m.beta_min, beta_max=m.beta_max)
+        return VPSDE(beta_min=model["beta_min"], beta_max=model["beta_max"])
     if name == "subvpsde":
-        return SubVPSDE(beta_min=m.beta_min, beta_max=m.beta_max)
+        return SubVPSDE(beta_min=model["beta_min"], beta_max=model["beta_max"])
     if name in ("vesde", "linearvesde"):
-        return VESDE(sigma_min=m.sigma_min, sigma_max=m.sigma_max, linear=name == "linearvesde")
-    raise ValueError(
-        f"unknown training.sde {config.training.sde!r}; choose vpsde, subvpsde, vesde, linearvesde"
+        return VESDE(
+            sigma_min=model["sigma_min"],
+            sigma_max=model["sigma_max"],
+            linear=name == "linearvesde",
+        )
+    raise ConfigError(
+        f"{model.source}: unknown training.sde {name!r}; choose vpsde, subvpsde, vesde, "
+        "linearvesde (or build an Experiment with your own SDE in Python)"
     )
 
 
-def build_model(config: ml_collections.ConfigDict) -> nn.Module:
-    """The network `model.name`, with every `model.*` key that is one of its constructor fields."""
-    name = config.model.name
+def _model_fields(cls: type) -> list[str]:
+    return [f.name for f in dataclasses.fields(cls) if f.name not in ("parent", "name")]
+
+
+def _build_model(model: _Section) -> nn.Module:
+    name = model["name"]
     if name not in models.MODELS:
-        raise ValueError(f"unknown model.name {name!r}; choose one of {sorted(models.MODELS)}")
-    fields = {f.name for f in dataclasses.fields(models.MODELS[name])} - {"parent", "name"}
-    kwargs: dict[str, Any] = {}
-    for key in fields:
-        if key in config.model:
-            value = config.model[key]
-            kwargs[key] = tuple(value) if isinstance(value, list) else value
-    return models.get_model(name, **kwargs)
+        raise ConfigError(
+            f"{model.source}: unknown model.name {name!r}; choose one of {sorted(models.MODELS)}"
+        )
+    kwargs = {key: model[key] for key in _model_fields(models.MODELS[name]) if key in model}
+    for other, cls in models.MODELS.items():
+        if other != name:
+            for key in _model_fields(cls):
+                model.ignore(key, f"a {other} option; model.name is {name!r}")
+    try:
+        return models.get_model(name, **kwargs)
+    except TypeError as e:
+        raise ConfigError(f"{model.source}: model {name!r}: {e}") from e
 
 
-def load_dataset(config: ml_collections.ConfigDict) -> data.Dataset:
-    """The data set `data.dataset` with the options that apply to it."""
-    d = config.data
-    name = d.dataset
-    if name in ("cifar10", "imagenet32", "imagenet_resized32", "mnist", "fashion_mnist"):
-        options = dict(data_dir=d.data_dir or None, download=d.download)
-    elif name == "npz":
-        if not d.train_file:
-            raise ValueError("data.dataset='npz' needs --config.data.train_file=PATH.npz")
-        options = dict(train_file=d.train_file, test_file=d.test_file or None, levels=d.levels)
-    elif name == "toy2d":
-        options = dict(distribution=d.distribution)
-    else:
-        options = {}
-    ds = data.load(name, **options)
-    if ds.is_image:
-        h, w, c = ds.example_shape
-        if (d.image_size, d.image_size, d.num_channels) != (h, w, c):
-            raise ValueError(
-                f"data set {name!r} has images {h}x{w}x{c}, but the config says "
-                f"data.image_size={d.image_size}, data.num_channels={d.num_channels}"
-            )
-    return ds
+def _load_dataset(data: _Section) -> datasets.Dataset:
+    name = data["dataset"]
+    if name not in datasets.DATASETS:
+        raise ConfigError(
+            f"{data.source}: unknown data.dataset {name!r}; choose one of "
+            f"{', '.join(datasets.DATASETS)}"
+        )
+    options = {}
+    for key, (owners, neutral) in _DATA_OPTIONS.items():
+        if name in owners:
+            value = data[key]
+            options[key] = None if value == "" else value
+        elif key in data:
+            if data.values[key] != neutral:
+                raise ConfigError(
+                    f"{data.source}: data.{key}={data.values[key]!r} applies only to "
+                    f"data.dataset in {owners}, not {name!r}; remove it or set it to {neutral!r}"
+                )
+            data.ignore(key, f"for data.dataset in {owners}")
+    if name == "npz" and not options.get("train_file"):
+        raise ConfigError(f"{data.source}: data.dataset='npz' needs data.train_file=PATH.npz")
+    if name in TFDS_DATASETS:
+        options["download"] = bool(options["download"])
+    return datasets.load(name, **options)
 
 
-def loss_spec(config: ml_collections.ConfigDict) -> LossSpec:
-    t = config.training
-    if not t.continuous:
-        raise ValueError("training.continuous=False (discrete DDPM/SMLD losses) is not supported")
-    if t.importance_weighting and not t.likelihood_weighting:
-        raise ValueError(
-            "training.importance_weighting=True needs training.likelihood_weighting=True: the "
-            "importance distribution p(t) ~ g^2/sigma^2 belongs to the likelihood weighting"
+def _check_image_shape(data: _Section, ds: datasets.Dataset) -> None:
+    if not ds.is_image:
+        data.ignore("image_size", "continuous data")
+        data.ignore("num_channels", "continuous data")
+        return
+    h, w, c = ds.example_shape
+    if (data["image_size"], data["image_size"], data["num_channels"]) != (h, w, c):
+        raise ConfigError(
+            f"{data.source}: data set {ds.name!r} has images {h}x{w}x{c}, but the config says "
+            f"data.image_size={data['image_size']}, data.num_channels={data['num_channels']}"
+        )
+
+
+def _loss_spec(t: _Section) -> LossSpec:
+    if not t["continuous"]:
+        raise ConfigError(
+            f"{t.source}: training.continuous=False (discrete DDPM/SMLD losses) is not supported"
+        )
+    if t["importance_weighting"] and not t["likelihood_weighting"]:
+        raise ConfigError(
+            f"{t.source}: training.importance_weighting=True needs "
+            "training.likelihood_weighting=True: the importance distribution p(t) ~ g^2/sigma^2 "
+            "belongs to the likelihood weighting"
         )
     return LossSpec(
-        weighting="likelihood" if t.likelihood_weighting else "score",
-        importance_sampling=bool(t.importance_weighting),
-        eps=float(t.smallest_time),
-        reduce="mean" if t.reduce_mean else "sum",
+        weighting="likelihood" if t["likelihood_weighting"] else "score",
+        importance_sampling=bool(t["importance_weighting"]),
+        eps=float(t["smallest_time"]),
+        reduce="mean" if t["reduce_mean"] else "sum",
     )
 
 
-def from_config(config: ml_collections.ConfigDict, *, dataset: data.Dataset | None = None):
-    """Build the Experiment of `config` (loads the data set unless one is given)."""
-    ds = dataset if dataset is not None else load_dataset(config)
+def _typed(cls: type, source: str, **kwargs: Any) -> Any:
+    try:
+        return cls(**kwargs)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"{source}: {e}") from e
+
+
+def from_config(
+    config: ml_collections.ConfigDict,
+    *,
+    source: str = "<config>",
+    dataset: datasets.Dataset | None = None,
+) -> Experiment:
+    """Build the Experiment of `config`, checking every key (loads the data set unless given).
+
+    Args:
+      config: a ConfigDict with the sections of `SECTIONS` and `seed` (see configs/).
+      source: the config file's name, for error messages.
+      dataset: a data set to use instead of loading `data.dataset` (tests); its shape is still
+        checked against `data.image_size` / `data.num_channels`.
+
+    Raises:
+      ConfigError: a key nothing reads (naming it and the file), a missing key, an option of
+        another data set set to a non-neutral value, or a value the settings reject.
+    """
+    unknown = sorted(set(config.keys()) - set(SECTIONS) - {"seed"})
+    if unknown:
+        raise ConfigError(
+            f"{source}: unknown top-level key(s) {unknown}; a config has seed and the sections "
+            f"{', '.join(SECTIONS)}"
+        )
+    if "seed" not in config:
+        raise ConfigError(f"{source}: missing key seed")
+    seed = int(config.seed)
+    s = {name: _Section(config, name, source) for name in SECTIONS}
+    t, d, m, o, e, smp = (s[name] for name in SECTIONS)
+
+    sde = _build_sde(t["sde"], m)
+    model = _build_model(m)
+    if dataset is None:
+        ds = _load_dataset(d)
+    else:
+        ds = dataset
+        for key in _DATA_OPTIONS:
+            d.ignore(key, "a data set was passed in")
+        d.ignore("dataset", "a data set was passed in")
+    _check_image_shape(d, ds)
+    preprocessing = Preprocessing(
+        levels=ds.levels,
+        centered=bool(d["centered"]),
+        uniform_dequantization=bool(d["uniform_dequantization"]),
+        random_flip=bool(d["random_flip"]),
+    )
+    loss = _loss_spec(t)
+    train = _typed(
+        TrainSettings,
+        source,
+        batch_size=t["batch_size"],
+        n_iters=t["n_iters"],
+        snapshot_freq=t["snapshot_freq"],
+        snapshot_freq_for_preemption=t["snapshot_freq_for_preemption"],
+        log_freq=t["log_freq"],
+        eval_freq=t["eval_freq"],
+        n_jitted_steps=t["n_jitted_steps"],
+        ema_rate=float(m["ema_rate"]),
+        seed=seed,
+    )
+    if str(o["optimizer"]).lower() != "adam":
+        raise ConfigError(f"{source}: optim.optimizer={o['optimizer']!r}: only 'Adam' is supported")
+    optim = _typed(
+        OptimizerSettings,
+        source,
+        lr=float(o["lr"]),
+        beta1=float(o["beta1"]),
+        eps=float(o["eps"]),
+        weight_decay=float(o["weight_decay"]),
+        warmup=int(o["warmup"]),
+        grad_clip=float(o["grad_clip"]),
+    )
+    bpd_settings = _typed(
+        BpdSettings,
+        source,
+        split=e["bpd_dataset"],
+        batch_size=e["batch_size"],
+        num_repeats=e["num_repeats"],
+        ode=bool(e["ode"]),
+        bound=bool(e["bound"]),
+        eps=float(t["smallest_time"]),
+        rtol=float(e["rtol"]),
+        atol=float(e["atol"]),
+        solver=e["solver"],
+        divergence=e["divergence"],
+        max_steps=e["max_steps"],
+        num_t=e["num_t"],
+        draws_per_call=e["draws_per_call"],
+        offset=bool(e["offset"]),
+        estimator="dsm" if e["dsm"] else "ssm",
+        seed=seed,
+    )
+    evaluation = _typed(
+        EvalSettings,
+        source,
+        bpd=bpd_settings,
+        ckpt_step=int(e["ckpt_step"]),
+        use_ema=bool(e["use_ema"]),
+        enable_bpd=bool(e["enable_bpd"]),
+        enable_sampling=bool(e["enable_sampling"]),
+        num_samples=int(e["num_samples"]),
+    )
+    sampling = _typed(
+        SamplingSettings,
+        source,
+        **{f.name: smp[f.name] for f in dataclasses.fields(SamplingSettings)},
+    )
+    ignored = tuple(item for section in s.values() for item in section.finish())
     return Experiment(
-        sde=build_sde(config),
-        model=build_model(config),
+        sde=sde,
+        model=model,
         dataset=ds,
-        preprocessing=Preprocessing(
-            levels=ds.levels,
-            centered=bool(config.data.centered),
-            uniform_dequantization=bool(config.data.uniform_dequantization),
-            random_flip=bool(config.data.random_flip),
-        ),
-        loss=loss_spec(config),
+        preprocessing=preprocessing,
+        loss=loss,
+        train=train,
+        optim=optim,
+        eval=evaluation,
+        sampling=sampling,
+        source=source,
+        ignored=ignored,
     )

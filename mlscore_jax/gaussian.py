@@ -32,7 +32,7 @@ class GaussianData(eqx.Module):
 
     def sample(self, key: Array, n: int) -> Array:
         """[n, *data_shape] samples."""
-        return self.mean + self.std * jax.random.normal(key, (n,) + self.mean.shape)
+        return self.mean[None] + self.std * jax.random.normal(key, (n,) + self.mean.shape)
 
     def marginal_var(self, sde: SDE, t: Array) -> Array:
         """v(t) = alpha^2 s^2 + sigma^2, shaped like t."""
@@ -45,7 +45,8 @@ class GaussianData(eqx.Module):
         def score(x: Array, t: Array) -> Array:
             alpha, _ = sde.marginal(t)
             v = self.marginal_var(sde, t)
-            return -(x - broadcast_to_data(alpha, x) * self.mean) / broadcast_to_data(v, x)
+            mean = jnp.broadcast_to(self.mean, x.shape)
+            return -(x - broadcast_to_data(alpha, x) * mean) / broadcast_to_data(v, x)
 
         return score
 
@@ -56,7 +57,8 @@ class GaussianData(eqx.Module):
         alpha_t, _ = sde.marginal(jnp.asarray(sde.T))
         v_e = self.marginal_var(sde, jnp.asarray(eps))
         v_t = self.marginal_var(sde, jnp.asarray(sde.T))
-        z = alpha_t * self.mean + jnp.sqrt(v_t / v_e) * (x - alpha_e * self.mean)
+        mean = jnp.broadcast_to(self.mean, x.shape)
+        z = alpha_t * mean + jnp.sqrt(v_t / v_e) * (x - alpha_e * mean)
         return -sde.prior_logp(z) - 0.5 * d * jnp.log(v_t / v_e)
 
     def expected_bound(self, sde: SDE, eps: float) -> Array:
@@ -75,5 +77,7 @@ class GaussianData(eqx.Module):
     def data_nll(self, x: Array) -> Array:
         """-log N(x; mean, std^2 I) of the data distribution itself; [B]."""
         d = math.prod(self.mean.shape)
-        sq = jnp.sum(((x - self.mean) ** 2).reshape(x.shape[0], -1), axis=-1)
+        sq = jnp.sum(
+            ((x - jnp.broadcast_to(self.mean, x.shape)) ** 2).reshape(x.shape[0], -1), axis=-1
+        )
         return 0.5 * d * math.log(2.0 * math.pi * self.std**2) + 0.5 * sq / self.std**2

@@ -6,17 +6,24 @@
 Multi-host: pass --coordinator_address, --num_processes and --process_id (or set
 JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID; on TPU pods and SLURM nothing is
 needed). Every process runs the same command.
+
+Everything is logged to WORKDIR/log.txt; the console shows this package's messages. A mistake of
+the user (a bad config key, a missing checkpoint, data that is not prepared) ends the program
+with one line saying what is wrong, exit status 2; `--verbose` shows the traceback (the log file
+always has it).
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import sys
 
 import jax
 from absl import app, flags
 from ml_collections import config_flags
 
-from mlscore_jax import parallel
+from mlscore_jax import checkpoint, datasets, experiment, logs, parallel
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Configuration file.", lock_config=True)
@@ -25,20 +32,30 @@ flags.DEFINE_enum("mode", "train", ["train", "eval"], "What to run.")
 flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (multi-host).")
 flags.DEFINE_integer("num_processes", None, "Number of processes (multi-host).")
 flags.DEFINE_integer("process_id", None, "Index of this process (multi-host).")
-flags.DEFINE_bool("progress", True, "Show a progress bar on process 0.")
+flags.DEFINE_bool("progress", True, "Show progress bars on process 0.")
+flags.DEFINE_bool("verbose", False, "Show tracebacks and every log record's origin.")
 flags.mark_flags_as_required(["config", "workdir"])
 
+logger = logging.getLogger("mlscore_jax.main")
 
-def main(argv: list[str]) -> None:
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    logging.getLogger().setLevel(logging.INFO)
+# Errors that mean the input is wrong, not the program: reported in one line.
+USER_ERRORS = (
+    experiment.ConfigError,
+    datasets.DatasetNotPreparedError,
+    checkpoint.CheckpointError,
+    FileNotFoundError,
+    FloatingPointError,  # train.NonFiniteError: the run diverged
+    ValueError,
+)
+
+
+def run(config_file: str) -> None:
     parallel.initialize_distributed(
         coordinator_address=FLAGS.coordinator_address,
         num_processes=FLAGS.num_processes,
         process_id=FLAGS.process_id,
     )
-    logging.info(
+    logger.info(
         "process %d/%d, %d local / %d global devices: %s",
         jax.process_index(),
         jax.process_count(),
@@ -46,14 +63,32 @@ def main(argv: list[str]) -> None:
         jax.device_count(),
         jax.devices(),
     )
+    exp = experiment.from_config(FLAGS.config, source=config_file)
     if FLAGS.mode == "train":
         from mlscore_jax import train
 
-        train.train_and_evaluate(FLAGS.config, FLAGS.workdir, progress=FLAGS.progress)
+        train.train_and_evaluate(exp, FLAGS.workdir, progress=FLAGS.progress)
     else:
         from mlscore_jax import evaluate
 
-        evaluate.evaluate(FLAGS.config, FLAGS.workdir)
+        evaluate.evaluate(exp, FLAGS.workdir, progress=FLAGS.progress)
+
+
+def main(argv: list[str]) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    log_file = os.path.join(FLAGS.workdir, "log.txt")
+    logs.setup(log_file, verbose=FLAGS.verbose)
+    config_file = config_flags.get_config_filename(FLAGS["config"])
+    logger.info("command: %s", " ".join(sys.argv))
+    try:
+        run(config_file)
+    except USER_ERRORS as e:
+        if FLAGS.verbose:
+            raise
+        logger.error("%s", e, exc_info=True)  # the file gets the traceback, the console not
+        print(f"(traceback in {log_file}; --verbose shows it here)", file=sys.stderr)
+        sys.exit(2)
 
 
 if __name__ == "__main__":

@@ -10,7 +10,8 @@ Both draw x(T) from the prior and run the reverse process down to the data
   dx = [f - g^2 s] dt + g dw_bar) on the grid linspace(T, eps, N), each preceded by Langevin
   corrector steps at the same time.
 
-`save_image_grid` writes a batch of uint8 images (e.g. `bpd.to_uint(samples)`) as one PNG.
+`sample(score_fn, sde, shape, key, settings)` runs the sampler that `settings.SamplingSettings`
+names. Writing samples to files is `outputs`' job.
 
 score_fn(x [B, ...], t [B]) -> [B, ...] is the (model) score; all functions are pure and
 jittable, e.g. `jax.jit(lambda params, key: pc_sample(make_score(params), sde, shape, key))`.
@@ -18,20 +19,16 @@ jittable, e.g. `jax.jit(lambda params, key: pc_sample(make_score(params), sde, s
 
 from __future__ import annotations
 
-import io
-import math
 from collections.abc import Callable
 from typing import NamedTuple
 
 import diffrax
 import jax
 import jax.numpy as jnp
-import numpy as np
-from etils import epath
-from PIL import Image
 
 from mlscore_jax.likelihood import EVALS, get_solver, probability_flow_drift
 from mlscore_jax.sde import SDE, broadcast_to_data
+from mlscore_jax.settings import SamplingSettings
 
 Array = jax.Array
 ScoreFn = Callable[[Array, Array], Array]
@@ -288,58 +285,14 @@ def pc_sample(
     return SampleResult(x=x_mean if denoise else x, nfe=nfe)
 
 
-def save_image_grid(
-    path: str | epath.PathLike,
-    images: Array | np.ndarray,
-    nrow: int | None = None,
-    *,
-    padding: int = 2,
-    scale: int | None = None,
-) -> tuple[int, int]:
-    """Write uint8 images [B, H, W, C] (C = 1 or 3) as one PNG grid; returns its (width, height).
-
-    Images are laid out row-major, `nrow` per row (default ceil(sqrt(B))), each scaled up by the
-    integer `scale` with nearest-neighbour repetition (default: the smallest making every image at
-    least 32 px on its shorter side, so 8x8 samples stay viewable), separated and framed by
-    `padding` black pixels. The grid is (ncol (W scale + p) + p) wide and (nrows (H scale + p) + p)
-    high. Parent directories are created.
-    """
-    images = np.asarray(images)
-    if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] not in (1, 3):
-        raise ValueError(
-            f"expected uint8 images [B, H, W, 1 or 3], got {images.dtype} {images.shape};"
-            " convert model-space samples with bpd.to_uint"
-        )
-    b, h, w, c = images.shape
-    if scale is None:
-        scale = max(1, math.ceil(32 / min(h, w)))
-    images = images.repeat(scale, axis=1).repeat(scale, axis=2)
-    h, w = h * scale, w * scale
-    ncol = min(b, nrow or math.ceil(math.sqrt(b)))
-    nrows = math.ceil(b / ncol)
-    grid = np.zeros((nrows * (h + padding) + padding, ncol * (w + padding) + padding, c), np.uint8)
-    for i, image in enumerate(images):
-        top = padding + (i // ncol) * (h + padding)
-        left = padding + (i % ncol) * (w + padding)
-        grid[top : top + h, left : left + w] = image
-    pil = Image.fromarray(grid[..., 0] if c == 1 else grid)  # "L" or "RGB"
-    buffer = io.BytesIO()
-    pil.save(buffer, format="PNG")
-    path = epath.Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(buffer.getvalue())
-    return pil.size
-
-
-def sample_from_config(
-    score_fn: ScoreFn, sde: SDE, shape: tuple[int, ...], key: Array, sampling_config
+def sample(
+    score_fn: ScoreFn, sde: SDE, shape: tuple[int, ...], key: Array, settings: SamplingSettings
 ) -> SampleResult:
-    """Samples with the sampler a config's `sampling` section names ('ode' or 'pc').
+    """Samples with the sampler `settings` names ('ode': `ode_sample`, 'pc': `pc_sample`).
 
-    Keys: method, smallest_time, noise_removal, rtol, atol (ode); predictor, corrector, snr,
-    n_steps_each, num_scales (pc). Jit the call: `jax.jit(lambda k: sample_from_config(...))`.
+    Pure and jittable: `jax.jit(lambda params, key: sample(make_score(params), ...))`.
     """
-    c = sampling_config
+    c = settings
     if c.method == "ode":
         return ode_sample(
             score_fn,
@@ -365,4 +318,4 @@ def sample_from_config(
             n_steps_each=c.n_steps_each,
             denoise=c.noise_removal,
         )
-    raise ValueError(f"unknown sampling.method {c.method!r}; choose 'ode' or 'pc'")
+    raise ValueError(f"unknown sampling method {c.method!r}; choose 'ode' or 'pc'")

@@ -1,6 +1,7 @@
 """Training: train state, one jitted multi-step function, and the loop around it.
 
-`train_and_evaluate(config, workdir)` trains the configuration on every device of every process:
+`train_and_evaluate(exp, workdir)` trains an `experiment.Experiment` (built from a config by
+`experiment.from_config`) on every device of every process:
 
 * data parallel over a 1-D mesh (`parallel.make_mesh`): the batch is split over the 'data' axis,
   parameters, optimizer state and EMA are replicated; no pmap;
@@ -13,7 +14,9 @@
   anything is checkpointed; SIGTERM saves and exits cleanly (`checkpoint.PreemptionGuard`).
 
 Logs on process 0 only: a progress bar, TensorBoard scalars (loss, grad norm, lr, images/s,
-achieved FLOP/s from XLA's cost analysis) in `workdir/tensorboard`, and `workdir/train_log.txt`.
+achieved FLOP/s) in `workdir/tensorboard`, and `workdir/train_log.txt`. FLOP/s count
+`step_flops` (XLA's cost analysis of ONE step, unscanned) times the steps taken: the cost analysis
+of the scanned function counts a rolled loop's body once, not `n_jitted_steps` times.
 """
 
 from __future__ import annotations
@@ -27,11 +30,11 @@ from typing import Any
 import flax
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import optax
 
-from mlscore_jax import checkpoint, data, experiment, losses, parallel
+from mlscore_jax import batches, checkpoint, experiment, losses, parallel
+from mlscore_jax.settings import OptimizerSettings
 
 Array = jax.Array
 logger = logging.getLogger(__name__)
@@ -53,38 +56,26 @@ class NonFiniteError(FloatingPointError):
 
 
 def make_optimizer(
-    *,
-    lr: float,
-    warmup: int,
-    grad_clip: float,
-    beta1: float = 0.9,
-    eps: float = 1e-8,
-    weight_decay: float = 0.0,
+    optim: OptimizerSettings,
 ) -> tuple[optax.GradientTransformation, optax.Schedule]:
-    """Adam with linear warm-up lr * min(step / warmup, 1) and global-norm clipping (official)."""
-    schedule = optax.linear_schedule(0.0, lr, warmup) if warmup > 0 else optax.constant_schedule(lr)
-    parts = []
-    if grad_clip > 0:
-        parts.append(optax.clip_by_global_norm(grad_clip))
-    if weight_decay > 0:
-        parts.append(optax.adamw(schedule, b1=beta1, b2=0.999, eps=eps, weight_decay=weight_decay))
+    """Adam with linear warm-up lr * min(step / warmup, 1) and global-norm clipping (official).
+
+    Returns:
+      (the optax transformation, the learning-rate schedule step -> lr).
+    """
+    if optim.warmup > 0:
+        schedule = optax.linear_schedule(0.0, optim.lr, optim.warmup)
     else:
-        parts.append(optax.adam(schedule, b1=beta1, b2=0.999, eps=eps))
+        schedule = optax.constant_schedule(optim.lr)
+    parts = []
+    if optim.grad_clip > 0:
+        parts.append(optax.clip_by_global_norm(optim.grad_clip))
+    kwargs = dict(b1=optim.beta1, b2=0.999, eps=optim.eps)
+    if optim.weight_decay > 0:
+        parts.append(optax.adamw(schedule, weight_decay=optim.weight_decay, **kwargs))
+    else:
+        parts.append(optax.adam(schedule, **kwargs))
     return optax.chain(*parts), schedule
-
-
-def optimizer_from_config(config: ml_collections.ConfigDict):
-    o = config.optim
-    if o.optimizer.lower() != "adam":
-        raise ValueError(f"optim.optimizer={o.optimizer!r}: only 'Adam' is supported")
-    return make_optimizer(
-        lr=o.lr,
-        warmup=o.warmup,
-        grad_clip=o.grad_clip,
-        beta1=o.beta1,
-        eps=o.eps,
-        weight_decay=o.weight_decay,
-    )
 
 
 def init_state(
@@ -189,13 +180,31 @@ def train_steps(
     return jax.lax.scan(lambda s, b: train_step(s, b, **kwargs), state, batches, unroll=unroll)
 
 
-def _cost_flops(compiled: Any) -> float | None:
-    """FLOPs of a compiled function from XLA's cost analysis (None when unavailable)."""
+def step_flops(
+    exp: experiment.Experiment,
+    tx: optax.GradientTransformation,
+    schedule: optax.Schedule,
+    state: Any,
+    batch_shape: tuple[int, ...],
+    batch_dtype: Any,
+) -> float | None:
+    """FLOPs of ONE training step on a global batch, by XLA's cost analysis (None if unknown).
+
+    Counted on the lowered (unoptimised, unsharded) single step, so the number is the global
+    work of a step whatever the loop around it: the cost analysis of `train_steps` counts the
+    body of its rolled `lax.scan` once, not `n_jitted_steps` times. Tracing only, no compile.
+    """
+
+    def one(s: TrainState, b: Array) -> Any:
+        return train_step(s, b, exp=exp, tx=tx, schedule=schedule, ema_rate=exp.train.ema_rate)
+
+    abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), state)
+    batch = jax.ShapeDtypeStruct(batch_shape, batch_dtype)
     try:
-        cost = compiled.cost_analysis()
+        cost = jax.jit(one).lower(abstract, batch).cost_analysis()
     except Exception:  # noqa: BLE001 (backends without cost analysis)
         return None
-    if isinstance(cost, (list, tuple)):
+    if isinstance(cost, list | tuple):
         cost = cost[0] if cost else None
     if not cost or "flops" not in cost:
         return None
@@ -222,10 +231,10 @@ class _Logger:
 
             self.bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True)
 
-    def line(self, message: str) -> None:
+    def line(self, message: str, *, level: int = logging.INFO) -> None:
         if not self.active:
             return
-        logger.info(message)
+        logger.log(level, message)
         self.text.write(message + "\n")
         self.text.flush()
 
@@ -245,34 +254,16 @@ class _Logger:
                 thing.close()
 
 
-def _check_config(config: ml_collections.ConfigDict) -> None:
-    t = config.training
-    n = t.n_jitted_steps
-    if n < 1:
-        raise ValueError(f"training.n_jitted_steps must be >= 1, got {n}")
-    for name in ("log_freq", "eval_freq", "snapshot_freq", "snapshot_freq_for_preemption"):
-        value = t[name]
-        if value <= 0 or value % n:
-            raise ValueError(
-                f"training.{name}={value} must be a positive multiple of "
-                f"training.n_jitted_steps={n} (steps run {n} at a time)"
-            )
-
-
 def train_and_evaluate(
-    config: ml_collections.ConfigDict,
-    workdir: str,
-    *,
-    progress: bool = True,
-    exp: experiment.Experiment | None = None,
+    exp: experiment.Experiment, workdir: str, *, progress: bool = True
 ) -> TrainState:
-    """Train `config` in `workdir`, resuming from its newest complete checkpoint if there is one.
+    """Train `exp` in `workdir`, resuming from its newest complete checkpoint if there is one.
 
     Args:
-      config: a locked ConfigDict (see configs/).
+      exp: the experiment (`experiment.from_config(config)`); its `train` and `optim` settings
+        drive the loop.
       workdir: stable directory for checkpoints and logs; the same directory resumes.
       progress: show a progress bar on process 0.
-      exp: a pre-built Experiment (tests); built from the config otherwise.
 
     Returns:
       The final train state (replicated over the mesh).
@@ -280,20 +271,18 @@ def train_and_evaluate(
     Raises:
       NonFiniteError: a non-finite loss or gradient norm, naming the step.
     """
-    _check_config(config)
     os.makedirs(workdir, exist_ok=True)
-    exp = exp if exp is not None else experiment.from_config(config)
-    t = config.training
+    t = exp.train
     n_jit = t.n_jitted_steps
     mesh = parallel.make_mesh()
     local_batch = parallel.per_process_batch_size(t.batch_size, mesh)
-    tx, schedule = optimizer_from_config(config)
+    tx, schedule = make_optimizer(exp.optim)
     replicated = parallel.replicated(mesh)
 
     init = jax.jit(
         lambda key: init_state(exp, tx, key), out_shardings=replicated
     )  # sharded from creation
-    root_key = jax.random.key(config.seed)
+    root_key = jax.random.key(t.seed)
     abstract = abstract_state(exp, tx, mesh)
 
     ckpt = checkpoint.Checkpointer(
@@ -308,14 +297,7 @@ def train_and_evaluate(
         raise ValueError(f"checkpoint step {step} is not a multiple of n_jitted_steps={n_jit}")
 
     step_fn = jax.jit(
-        lambda s, b: train_steps(
-            s,
-            b,
-            exp=exp,
-            tx=tx,
-            schedule=schedule,
-            ema_rate=config.model.ema_rate,
-        ),
+        lambda s, b: train_steps(s, b, exp=exp, tx=tx, schedule=schedule, ema_rate=t.ema_rate),
         in_shardings=(replicated, parallel.data_sharding(mesh, batch_axis=1)),
         out_shardings=(replicated, replicated),
         donate_argnums=0,
@@ -327,9 +309,9 @@ def train_and_evaluate(
     )
 
     def host_batches(first_step: int) -> Any:
-        local = data.train_batches(
+        local = batches.train_batches(
             exp.dataset.train,
-            seed=config.seed,
+            seed=t.seed,
             first_step=first_step,
             num_steps=n_jit,
             global_batch_size=t.batch_size,
@@ -343,19 +325,22 @@ def train_and_evaluate(
     log.line(
         f"start step={step} total={total} devices={jax.device_count()} "
         f"processes={jax.process_count()} global_batch={t.batch_size} local_batch={local_batch} "
-        f"data={exp.dataset!r}"
+        f"data={exp.dataset!r} config={exp.source}"
     )
+    if exp.ignored:
+        log.line("config keys ignored by name: " + "; ".join(exp.ignored), level=logging.DEBUG)
     compiled = None
-    flops_per_dispatch = None
+    flops = step_flops(
+        exp, tx, schedule, state, (t.batch_size, *exp.example_shape), exp.dataset.train.dtype
+    )
     last_time, last_step = time.perf_counter(), step
     try:
         with checkpoint.PreemptionGuard() as guard:
             while step < total:
-                batches = host_batches(step)
+                host = host_batches(step)
                 if compiled is None:
-                    compiled = step_fn.lower(state, batches).compile()
-                    flops_per_dispatch = _cost_flops(compiled)
-                state, metrics = compiled(state, batches)
+                    compiled = step_fn.lower(state, host).compile()
+                state, metrics = compiled(state, host)
                 metrics = jax.device_get(metrics)
                 finite = np.isfinite(metrics["loss"]) & np.isfinite(metrics["grad_norm"])
                 if not finite.all():
@@ -377,22 +362,25 @@ def train_and_evaluate(
                         "lr": float(metrics["lr"][-1]),
                         "images_per_s": images_per_s,
                     }
-                    if flops_per_dispatch is not None:
-                        values["flops_per_s"] = flops_per_dispatch * (step - last_step) / n_jit / dt
+                    if flops is not None:
+                        values["flops_per_s"] = flops * (step - last_step) / dt
                     log.scalars(step, values)
-                    log.line(f"step={step} " + " ".join(f"{k}={v:.6g}" for k, v in values.items()))
+                    log.line(
+                        f"step={step} " + " ".join(f"{k}={v:.6g}" for k, v in values.items()),
+                        level=logging.DEBUG,  # the progress bar shows it; the log file keeps it
+                    )
                     log.progress(step - last_step, values["loss"], images_per_s)
                     last_time, last_step = now, step
                 if step % t.eval_freq == 0 and exp.dataset.test.shape[0] >= t.batch_size:
-                    test = data.train_batch(
+                    test = batches.train_batch(
                         exp.dataset.test,
-                        seed=config.seed + 1,
+                        seed=t.seed + 1,
                         step=step // t.eval_freq,
                         global_batch_size=t.batch_size,
                         process_index=jax.process_index(),
                         process_count=jax.process_count(),
                     )
-                    eval_key = jax.random.fold_in(jax.random.key(config.seed + 1), step)
+                    eval_key = jax.random.fold_in(jax.random.key(t.seed + 1), step)
                     eval_loss = float(
                         eval_fn(state.ema_params, parallel.shard_batch(test, mesh), eval_key)
                     )

@@ -14,10 +14,11 @@ from pathlib import Path
 from unittest import mock
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mlscore_jax import bpd, data
+from mlscore_jax import batches, bpd, datasets, preprocessing
 
 # The `shared` folder beside the repository root (lossless MNIST / CIFAR-10 subsets).
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
@@ -49,7 +50,7 @@ def test_import_and_offline_paths_do_not_import_tensorflow(tmp_path):
     np.savez(tmp_path / "x.npz", x=np.zeros((2, 4, 4, 1), np.uint8))
     code = (
         "import sys\n"
-        "import mlscore_jax.data as d\n"
+        "import mlscore_jax.datasets as d\n"
         "assert 'tensorflow' not in sys.modules and 'tensorflow_datasets' not in sys.modules\n"
         "d.load('digits'); d.load('toy2d'); d.load('npz', train_file=sys.argv[1])\n"
         "assert 'tensorflow' not in sys.modules and 'tensorflow_datasets' not in sys.modules\n"
@@ -59,16 +60,16 @@ def test_import_and_offline_paths_do_not_import_tensorflow(tmp_path):
 
 def test_unknown_name_lists_choices():
     with pytest.raises(ValueError, match="unknown data set 'cifar-10'") as e:
-        data.load("cifar-10")
+        datasets.load("cifar-10")
     for name in ("cifar10", "imagenet32", "imagenet_resized32", "mnist", "digits", "npz", "toy2d"):
         assert name in str(e.value)
 
 
 def test_options_are_checked_per_data_set():
     with pytest.raises(TypeError, match="'digits' does not take option"):
-        data.load("digits", data_dir="/somewhere")
+        datasets.load("digits", data_dir="/somewhere")
     with pytest.raises(TypeError, match=r"'npz' needs option\(s\) \['train_file'\]"):
-        data.load("npz")
+        datasets.load("npz")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -79,7 +80,7 @@ def test_options_are_checked_per_data_set():
 def test_digits_split_is_fixed_and_exact():
     from sklearn.datasets import load_digits
 
-    ds = data.load("digits")
+    ds = datasets.load("digits")
     assert ds.levels == 17 and ds.example_shape == (8, 8, 1) and ds.num_dims == 64
     assert ds.train.shape == (1497, 8, 8, 1) and ds.test.shape == (300, 8, 8, 1)
     assert ds.train.dtype == np.uint8 and int(ds.train.max()) == 16
@@ -98,26 +99,28 @@ def test_digits_split_is_fixed_and_exact():
 # ------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("distribution", data.TOY2D_DISTRIBUTIONS)
+@pytest.mark.parametrize("distribution", datasets.TOY2D_DISTRIBUTIONS)
 def test_toy2d_is_deterministic_continuous_data(distribution):
-    ds = data.load("toy2d", distribution=distribution, num_train=4000, num_test=1000, seed=3)
+    ds = datasets.load("toy2d", distribution=distribution, num_train=4000, num_test=1000, seed=3)
     assert ds.levels is None and not ds.is_image and ds.example_shape == (2,)
     assert ds.train.dtype == np.float32 and ds.train.shape == (4000, 2)
     assert ds.test.shape == (1000, 2) and np.isfinite(ds.train).all()
-    again = data.load("toy2d", distribution=distribution, num_train=4000, num_test=1000, seed=3)
+    again = datasets.load("toy2d", distribution=distribution, num_train=4000, num_test=1000, seed=3)
     np.testing.assert_array_equal(ds.train, again.train)
-    other = data.load("toy2d", distribution=distribution, num_train=4000, num_test=1000, seed=4)
+    other = datasets.load("toy2d", distribution=distribution, num_train=4000, num_test=1000, seed=4)
     assert not np.array_equal(ds.train, other.train)
     assert not np.array_equal(ds.train[:1000], ds.test)
     # Continuous data pass through preprocessing untouched.
-    np.testing.assert_array_equal(data.preprocess(None, ds.train, levels=None), ds.train)
+    np.testing.assert_array_equal(preprocessing.preprocess(None, ds.train, levels=None), ds.train)
     with pytest.raises(ValueError, match="continuous"):
-        data.preprocess(jax.random.key(0), ds.train, levels=None, uniform_dequantization=True)
+        preprocessing.preprocess(
+            jax.random.key(0), ds.train, levels=None, uniform_dequantization=True
+        )
 
 
 def test_toy2d_shapes_are_the_textbook_ones():
     def draw(name):
-        return data.load("toy2d", distribution=name, num_train=20_000, num_test=1).train
+        return datasets.load("toy2d", distribution=name, num_train=20_000, num_test=1).train
 
     board = draw("checkerboard")
     assert np.abs(board).max() <= 4
@@ -131,7 +134,7 @@ def test_toy2d_shapes_are_the_textbook_ones():
     moons = draw("moons")  # sklearn's make_moons (mean (1/2, 1/4)), times 2, minus (1, 0.2)
     np.testing.assert_allclose(moons.mean(0), [0.0, 0.3], atol=0.03)
     with pytest.raises(ValueError, match="unknown toy2d distribution"):
-        data.load("toy2d", distribution="spiral")
+        datasets.load("toy2d", distribution="spiral")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -144,16 +147,16 @@ def test_npz_round_trip(tmp_path):
     x = rng.integers(0, 256, (10, 6, 5, 3), dtype=np.uint8)
     np.savez(tmp_path / "train.npz", x=x, y=np.arange(10))
     np.savez(tmp_path / "test.npz", x=x[:4])
-    ds = data.load("npz", train_file=tmp_path / "train.npz", test_file=tmp_path / "test.npz")
+    ds = datasets.load("npz", train_file=tmp_path / "train.npz", test_file=tmp_path / "test.npz")
     assert ds.levels == 256 and ds.example_shape == (6, 5, 3)
     np.testing.assert_array_equal(ds.train, x)
     np.testing.assert_array_equal(ds.test, x[:4])
-    only_train = data.load("npz", train_file=str(tmp_path / "train.npz"))
+    only_train = datasets.load("npz", train_file=str(tmp_path / "train.npz"))
     assert only_train.test.shape == (0, 6, 5, 3)
-    assert list(data.eval_batches(only_train.test, 4)) == []
+    assert list(batches.eval_batches(only_train.test, 4)) == []
     # A plain .npy is memory-mapped; a levels option for non-8-bit data.
     np.save(tmp_path / "train17.npy", x % 17)
-    ds17 = data.load("npz", train_file=tmp_path / "train17.npy", levels=17)
+    ds17 = datasets.load("npz", train_file=tmp_path / "train17.npy", levels=17)
     assert isinstance(ds17.train, np.memmap) and ds17.levels == 17
 
 
@@ -170,18 +173,18 @@ def test_npz_round_trip(tmp_path):
 def test_npz_rejects_bad_files(tmp_path, arrays, match):
     np.savez(tmp_path / "bad.npz", **arrays)
     with pytest.raises(ValueError, match=match):
-        data.load("npz", train_file=tmp_path / "bad.npz")
+        datasets.load("npz", train_file=tmp_path / "bad.npz")
 
 
 def test_npz_rejects_inconsistent_files(tmp_path):
     np.savez(tmp_path / "a.npz", x=np.full((3, 4, 4, 1), 20, np.uint8))
     np.savez(tmp_path / "b.npz", x=np.zeros((3, 4, 4, 3), np.uint8))
     with pytest.raises(ValueError, match="differ from train images"):
-        data.load("npz", train_file=tmp_path / "a.npz", test_file=tmp_path / "b.npz")
+        datasets.load("npz", train_file=tmp_path / "a.npz", test_file=tmp_path / "b.npz")
     with pytest.raises(ValueError, match="pixel value 20 >= levels=17"):
-        data.load("npz", train_file=tmp_path / "a.npz", levels=17)
+        datasets.load("npz", train_file=tmp_path / "a.npz", levels=17)
     with pytest.raises(FileNotFoundError, match="train file not found"):
-        data.load("npz", train_file=tmp_path / "missing.npz")
+        datasets.load("npz", train_file=tmp_path / "missing.npz")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -197,7 +200,7 @@ def _shared(name: str) -> Path:
 
 
 def test_real_mnist_through_npz():
-    ds = data.load(
+    ds = datasets.load(
         "npz", train_file=_shared("mnist_train.npz"), test_file=_shared("mnist_test.npz")
     )
     assert ds.train.shape == (60000, 28, 28, 1) and ds.test.shape == (10000, 28, 28, 1)
@@ -209,7 +212,7 @@ def test_real_mnist_through_npz():
 
 
 def test_real_cifar10_subset_reaches_training_unchanged():
-    ds = data.load(
+    ds = datasets.load(
         "npz",
         train_file=_shared("cifar10_train_first4000.npz"),
         test_file=_shared("cifar10_test_first1000.npz"),
@@ -221,10 +224,10 @@ def test_real_cifar10_subset_reaches_training_unchanged():
         ds.train.mean(axis=(0, 1, 2), dtype=np.float64), [125.36, 122.85, 113.39], atol=0.005
     )
     assert list(ds.train[0, 0, :10, 0]) == [59, 43, 50, 68, 98, 119, 139, 145, 149, 149]
-    idx = data.train_indices(4000, seed=1, first_step=7, num_steps=1, global_batch_size=16)[0]
-    batch = data.train_batch(ds.train, seed=1, step=7, global_batch_size=16)
+    idx = batches.train_indices(4000, seed=1, first_step=7, num_steps=1, global_batch_size=16)[0]
+    batch = batches.train_batch(ds.train, seed=1, step=7, global_batch_size=16)
     np.testing.assert_array_equal(batch, ds.train[idx])
-    x = data.preprocess(None, batch, levels=ds.levels)
+    x = preprocessing.preprocess(None, batch, levels=ds.levels)
     np.testing.assert_array_equal(np.asarray(x), 2 * ((batch + 0.5) / 256).astype(np.float32) - 1)
 
 
@@ -247,7 +250,7 @@ def _fake_32x32(self, split, decoders=None, read_config=None, shuffle_files=Fals
 
     seed = {"train": 0, "validation": 1}[str(split)]
     images = np.random.default_rng(seed).integers(0, 256, (_NUM_FAKE, 32, 32, 3), np.uint8)
-    return tf.data.Dataset.from_tensor_slices({"image": images})
+    return tf.datasets.Dataset.from_tensor_slices({"image": images})
 
 
 def _expected_fake_images(tfds, tfds_name: str, split: str) -> np.ndarray:
@@ -272,7 +275,7 @@ def test_tfds_path_with_mock_data(name, tmp_path, no_network):
         mock.patch.object(tfds.core.DatasetBuilder, "is_prepared", return_value=True),
         mock.patch.object(tfds.core.DatasetBuilder, "download_and_prepare") as prepare,
     ):
-        ds = data.load(name, data_dir=tmp_path)
+        ds = datasets.load(name, data_dir=tmp_path)
         test_split = "validation" if name == "imagenet32" else "test"
         expected_train = _expected_fake_images(tfds, tfds_name, "train")
         expected_test = _expected_fake_images(tfds, tfds_name, test_split)
@@ -283,14 +286,14 @@ def test_tfds_path_with_mock_data(name, tmp_path, no_network):
     np.testing.assert_array_equal(ds.test, expected_test)
     # The decoded splits were cached; a later load needs neither TFDS data nor the mock.
     assert isinstance(ds.train, np.memmap)
-    again = data.load(name, data_dir=tmp_path)
+    again = datasets.load(name, data_dir=tmp_path)
     np.testing.assert_array_equal(again.train, expected_train)
     np.testing.assert_array_equal(again.test, expected_test)
     # ... and the arrays reach training unchanged.
-    batches = data.train_batches(ds.train, seed=0, first_step=0, num_steps=3, global_batch_size=4)
-    idx = data.train_indices(_NUM_FAKE, seed=0, first_step=0, num_steps=3, global_batch_size=4)
-    np.testing.assert_array_equal(batches, expected_train[idx])
-    x = data.preprocess(None, batches, levels=ds.levels, centered=False)
+    stack = batches.train_batches(ds.train, seed=0, first_step=0, num_steps=3, global_batch_size=4)
+    idx = batches.train_indices(_NUM_FAKE, seed=0, first_step=0, num_steps=3, global_batch_size=4)
+    np.testing.assert_array_equal(stack, expected_train[idx])
+    x = preprocessing.preprocess(None, stack, levels=ds.levels, centered=False)
     np.testing.assert_array_equal(np.asarray(x), ((expected_train[idx] + 0.5) / 256))
 
 
@@ -302,7 +305,7 @@ def test_tfds_rejects_images_of_the_wrong_size(tmp_path, no_network):
         mock.patch.object(tfds.core.DatasetBuilder, "is_prepared", return_value=True),
     ):
         with pytest.raises(ValueError, match=r"imagenet32/train: .* not \[32, 32, 3\]"):
-            data.load("imagenet32", data_dir=tmp_path, cache=False)
+            datasets.load("imagenet32", data_dir=tmp_path, cache=False)
 
 
 def test_tfds_download_only_when_asked(tmp_path, no_network):
@@ -311,10 +314,10 @@ def test_tfds_download_only_when_asked(tmp_path, no_network):
         tfds.testing.mock_data(num_examples=2),
         mock.patch.object(tfds.core.DatasetBuilder, "download_and_prepare") as prepare,
     ):
-        with pytest.raises(data.DatasetNotPreparedError):
-            data.load("mnist", data_dir=tmp_path)
+        with pytest.raises(datasets.DatasetNotPreparedError):
+            datasets.load("mnist", data_dir=tmp_path)
         prepare.assert_not_called()
-        ds = data.load("mnist", data_dir=tmp_path, download=True, cache=False)
+        ds = datasets.load("mnist", data_dir=tmp_path, download=True, cache=False)
     prepare.assert_called_once()
     assert ds.train.shape == (2, 28, 28, 1) and not isinstance(ds.train, np.memmap)
     assert not (tmp_path / "mlscore_jax_cache").exists()
@@ -323,8 +326,8 @@ def test_tfds_download_only_when_asked(tmp_path, no_network):
 @pytest.mark.parametrize("name", ["cifar10", "imagenet32"])
 def test_unprepared_tfds_data_fails_fast_with_the_ways_out(name, tmp_path, no_network):
     start = time.perf_counter()
-    with pytest.raises(data.DatasetNotPreparedError) as e:
-        data.load(name, data_dir=tmp_path / "tfds")
+    with pytest.raises(datasets.DatasetNotPreparedError) as e:
+        datasets.load(name, data_dir=tmp_path / "tfds")
     assert time.perf_counter() - start < 5.0
     message = str(e.value)
     tfds_name = _TFDS_CASES[name][0]
@@ -335,7 +338,7 @@ def test_unprepared_tfds_data_fails_fast_with_the_ways_out(name, tmp_path, no_ne
         f"tfds build {tfds_name} --data_dir={tmp_path / 'tfds'}",
         "download=True",
         "--config.data.dataset=npz --config.data.train_file=train.npz",
-        "data.load('npz', train_file='train.npz', test_file='test.npz')",
+        "datasets.load('npz', train_file='train.npz', test_file='test.npz')",
         "numpy.savez('train.npz', x=images)",
     ]:
         assert part in message, part
@@ -354,22 +357,24 @@ IDS = np.arange(1000, dtype=np.int64)  # "images" that are their own index
 def test_resume_gives_the_same_batches():
     kwargs = dict(seed=5, global_batch_size=96)
     k = 37  # straddles several epoch boundaries (N = 1000)
-    one_go = data.train_batches(IDS, first_step=0, num_steps=k + 11, **kwargs)[k:]
-    data._epoch_permutation.cache_clear()  # a fresh process
-    resumed = np.stack([data.train_batch(IDS, step=s, **kwargs) for s in range(k, k + 11)])
+    one_go = batches.train_batches(IDS, first_step=0, num_steps=k + 11, **kwargs)[k:]
+    batches._epoch_permutation.cache_clear()  # a fresh process
+    resumed = np.stack([batches.train_batch(IDS, step=s, **kwargs) for s in range(k, k + 11)])
     np.testing.assert_array_equal(one_go, resumed)
-    chunked = data.train_batches(IDS, first_step=k, num_steps=11, **kwargs)
+    chunked = batches.train_batches(IDS, first_step=k, num_steps=11, **kwargs)
     np.testing.assert_array_equal(chunked, resumed)
-    other_seed = data.train_batches(IDS, first_step=k, num_steps=11, seed=6, global_batch_size=96)
+    other_seed = batches.train_batches(
+        IDS, first_step=k, num_steps=11, seed=6, global_batch_size=96
+    )
     assert not np.array_equal(resumed, other_seed)
 
 
 @pytest.mark.parametrize("process_count", [2, 4])
 def test_processes_split_the_global_batch(process_count):
     kwargs = dict(seed=1, first_step=20, num_steps=6, global_batch_size=64)
-    full = data.train_batches(IDS, **kwargs)
+    full = batches.train_batches(IDS, **kwargs)
     parts = [
-        data.train_batches(IDS, process_index=p, process_count=process_count, **kwargs)
+        batches.train_batches(IDS, process_index=p, process_count=process_count, **kwargs)
         for p in range(process_count)
     ]
     assert all(part.shape == (6, 64 // process_count) for part in parts)
@@ -380,7 +385,7 @@ def test_processes_split_the_global_batch(process_count):
 
 def test_every_epoch_is_a_permutation():
     n, batch = 100, 32
-    stream = data.train_batches(
+    stream = batches.train_batches(
         IDS[:n], seed=0, first_step=0, num_steps=10, global_batch_size=batch
     )
     stream = stream.reshape(-1)[: 3 * n].reshape(3, n)
@@ -391,13 +396,13 @@ def test_every_epoch_is_a_permutation():
 
 def test_batch_arguments_are_checked():
     with pytest.raises(ValueError, match="not divisible by process_count 3"):
-        data.train_batch(IDS, seed=0, step=0, global_batch_size=64, process_count=3)
+        batches.train_batch(IDS, seed=0, step=0, global_batch_size=64, process_count=3)
     with pytest.raises(ValueError, match="process_index"):
-        data.train_batch(
+        batches.train_batch(
             IDS, seed=0, step=0, global_batch_size=64, process_index=2, process_count=2
         )
     with pytest.raises(ValueError, match=">= 0"):
-        data.train_batch(IDS, seed=0, step=-1, global_batch_size=64)
+        batches.train_batch(IDS, seed=0, step=-1, global_batch_size=64)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -407,20 +412,20 @@ def test_batch_arguments_are_checked():
 
 def test_eval_counts_every_image_once():
     ids = np.arange(10_000, dtype=np.int32)[:, None] + 1
-    batches = list(data.eval_batches(ids, 1024))
-    assert len(batches) == data.num_eval_batches(10_000, 1024) == 10
-    assert all(b.shape == (1024, 1) and m.shape == (1024,) and m.dtype == bool for b, m in batches)
+    split = list(batches.eval_batches(ids, 1024))
+    assert len(split) == batches.num_eval_batches(10_000, 1024) == 10
+    assert all(b.shape == (1024, 1) and m.shape == (1024,) and m.dtype == bool for b, m in split)
     # The last batch holds the 784 images that drop_remainder=True used to drop.
-    assert [int(m.sum()) for _, m in batches] == [1024] * 9 + [784]
-    np.testing.assert_array_equal(np.concatenate([b[m] for b, m in batches]), ids)
-    assert (batches[-1][0][~batches[-1][1]] == 0).all()
+    assert [int(m.sum()) for _, m in split] == [1024] * 9 + [784]
+    np.testing.assert_array_equal(np.concatenate([b[m] for b, m in split]), ids)
+    assert (split[-1][0][~split[-1][1]] == 0).all()
 
 
 @pytest.mark.parametrize("process_count", [2, 4])
 def test_eval_processes_cover_the_split(process_count):
     ids = np.arange(1001, dtype=np.int32)[:, None]
     per_process = [
-        list(data.eval_batches(ids, 128, process_index=p, process_count=process_count))
+        list(batches.eval_batches(ids, 128, process_index=p, process_count=process_count))
         for p in range(process_count)
     ]
     assert len({len(batches) for batches in per_process}) == 1  # same number everywhere
@@ -436,9 +441,9 @@ def test_eval_processes_cover_the_split(process_count):
 @pytest.mark.parametrize("levels", [256, 17])
 def test_bin_centres_and_centering(levels):
     k = np.arange(levels, dtype=np.uint8).reshape(1, 1, levels, 1)
-    y = data.preprocess(None, k, levels=levels, centered=False)
+    y = preprocessing.preprocess(None, k, levels=levels, centered=False)
     np.testing.assert_allclose(y, (k + 0.5) / levels, rtol=1e-7)
-    x = data.preprocess(None, k, levels=levels)  # centred is the default
+    x = preprocessing.preprocess(None, k, levels=levels)  # centred is the default
     np.testing.assert_allclose(x, 2 * (k + 0.5) / levels - 1, atol=1e-7)
 
 
@@ -446,14 +451,14 @@ def test_bin_centres_and_centering(levels):
 def test_uniform_dequantization(levels):
     k = np.random.default_rng(0).integers(0, levels, (64, 16, 16, 3), dtype=np.uint8)
     opts = dict(levels=levels, uniform_dequantization=True)
-    y = np.asarray(data.preprocess(jax.random.key(1), k, **opts, centered=False))
+    y = np.asarray(preprocessing.preprocess(jax.random.key(1), k, **opts, centered=False))
     assert y.dtype == np.float32 and y.min() >= 0.0 and y.max() < 1.0
     u = y.astype(np.float64) * levels - k
     assert u.min() > -1e-4 and u.max() < 1 + 1e-4  # float32 rounding of (k + u) / L
     sigma = math.sqrt(1 / 12 / u.size)
     assert abs(u.mean() - 0.5) < 5 * sigma
     assert abs(u.var() - 1 / 12) < 0.002
-    x = data.preprocess(jax.random.key(1), k, **opts)
+    x = preprocessing.preprocess(jax.random.key(1), k, **opts)
     assert float(x.min()) >= -1.0 and float(x.max()) < 1.0
 
 
@@ -463,7 +468,7 @@ def test_uniform_density_is_log2_levels_bits_per_dim(levels, centered):
     """A uniform density on the support of the dequantized data gives every integer image the
     probability L^-D, i.e. exactly log2(L) bits/dim: the conventions of preprocess and bpd agree."""
     k = np.random.default_rng(2).integers(0, levels, (32, 8, 8, 3), dtype=np.uint8)
-    x = data.preprocess(
+    x = preprocessing.preprocess(
         jax.random.key(0), k, levels=levels, uniform_dequantization=True, centered=centered
     )
     low, width = (-1.0, 2.0) if centered else (0.0, 1.0)
@@ -478,26 +483,68 @@ def test_preprocess_jits_and_flips_only_when_asked():
     k = np.random.default_rng(3).integers(0, 256, (5, 64, 4, 4, 1), dtype=np.uint8)  # [n, B, ...]
     key = jax.random.key(7)
     opts = dict(levels=256, uniform_dequantization=True, centered=True)
-    no_flip = data.preprocess(key, k, **opts)
-    jitted = jax.jit(functools.partial(data.preprocess, **opts, random_flip=True))
+    no_flip = preprocessing.preprocess(key, k, **opts)
+    jitted = jax.jit(functools.partial(preprocessing.preprocess, **opts, random_flip=True))
     flipped = np.asarray(jitted(key, k))
     assert flipped.shape == k.shape and flipped.dtype == np.float32
-    np.testing.assert_allclose(flipped, data.preprocess(key, k, **opts, random_flip=True))
+    np.testing.assert_allclose(flipped, preprocessing.preprocess(key, k, **opts, random_flip=True))
     # Without flips the dequantization noise is the same draw; with them each image is either
     # untouched or mirrored left-right, and both happen.
-    centres = np.asarray(data.preprocess(None, k, levels=256))
+    centres = np.asarray(preprocessing.preprocess(None, k, levels=256))
     flipped_centres = np.asarray(
-        jax.jit(functools.partial(data.preprocess, levels=256, random_flip=True))(key, k)
+        jax.jit(functools.partial(preprocessing.preprocess, levels=256, random_flip=True))(key, k)
     )
     same = (flipped_centres == centres).all(axis=(2, 3, 4))
     mirrored = (flipped_centres == centres[:, :, :, ::-1]).all(axis=(2, 3, 4))
     assert (same | mirrored).all() and (~same).any() and (~mirrored).any()
-    assert np.asarray(no_flip).shape == k.shape
+    # Without flips it is exactly the dequantization of these pixels with this key, in place.
+    expected = bpd.to_model_space(bpd.dequantize(key, k, 256), centered=True)
+    np.testing.assert_array_equal(np.asarray(no_flip), np.asarray(expected))
+
+
+def test_one_preprocessing_object_for_training_and_evaluation():
+    k = np.random.default_rng(4).integers(0, 17, (6, 8, 8, 1), dtype=np.uint8)
+    key = jax.random.key(2)
+    train_map = preprocessing.Preprocessing(levels=17, random_flip=True)
+    np.testing.assert_array_equal(
+        train_map(key, k), preprocessing.preprocess(key, k, levels=17, random_flip=True)
+    )
+    evaluation = train_map.for_likelihood()  # dequantized (the density bits/dim measure), no flips
+    assert evaluation == preprocessing.Preprocessing(levels=17, uniform_dequantization=True)
+    continuous = preprocessing.Preprocessing(levels=None).for_likelihood()
+    assert not continuous.uniform_dequantization
+    # its unit conversion is bpd.py's: nats of the model-space density -> bits/dim
+    nll = jnp.array([0.0, 64 * math.log(2.0)])
+    np.testing.assert_allclose(
+        evaluation.nats_to_bpd(nll, 64), [math.log2(17) - 1, math.log2(17)], rtol=1e-6
+    )
+    np.testing.assert_array_equal(continuous.nats_to_bpd(nll, 64), nll)  # stays in nats
+    assert evaluation.nats_scale(64) == pytest.approx(1 / (64 * math.log(2.0)))
+
+
+def test_bits_per_dim_offsets():
+    """The additive constant of bits/dim: log2(levels) - log2(dx/dy); the paper's "+7" for
+    8-bit centred data ([-1, 1): dx/dy = 2), 8 uncentred."""
+    assert bpd.bpd_offset(256, centered=True) == 7.0
+    assert bpd.bpd_offset(256, centered=False) == 8.0
+    assert bpd.bpd_offset(17, centered=True) == pytest.approx(math.log2(17) - 1.0)
+    # a density of 1 per unit volume of model space: 0 nats, bits/dim = the offset alone
+    np.testing.assert_allclose(bpd.nats_to_bpd(jnp.zeros(2), 3072), [7.0, 7.0])
+    # D ln 2 nats more is exactly one more bit per dimension
+    np.testing.assert_allclose(bpd.nats_to_bpd(jnp.array([3072 * math.log(2.0)]), 3072), [8.0])
+    # a dequantizer's log q(u|x) adds its own nats through the same scale
+    np.testing.assert_allclose(
+        bpd.nats_to_bpd(jnp.zeros(1), 4, log_q_dequant=jnp.array([-4 * math.log(2.0)])), [6.0]
+    )
+    with pytest.raises(ValueError, match="levels"):
+        bpd.bpd_offset(1)
+    with pytest.raises(ValueError, match="num_dims"):
+        bpd.bits_per_dim_scale(0)
 
 
 def test_preprocess_rejects_misuse():
     k = np.zeros((2, 4, 4, 1), np.uint8)
     with pytest.raises(TypeError, match="integer pixels"):
-        data.preprocess(None, k.astype(np.float32), levels=256)
+        preprocessing.preprocess(None, k.astype(np.float32), levels=256)
     with pytest.raises(ValueError, match="need a PRNG key"):
-        data.preprocess(None, k, levels=256, uniform_dequantization=True)
+        preprocessing.preprocess(None, k, levels=256, uniform_dequantization=True)

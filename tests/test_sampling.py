@@ -10,7 +10,8 @@ from PIL import Image
 
 from mlscore_jax.gaussian import GaussianData
 from mlscore_jax.likelihood import ode_nll
-from mlscore_jax.sampling import ode_sample, pc_sample, save_image_grid
+from mlscore_jax.outputs import save_image_grid
+from mlscore_jax.sampling import ode_sample, pc_sample
 from mlscore_jax.sde import VESDE, VPSDE, SubVPSDE
 
 D, N_SAMPLES = 8, 2000

@@ -18,6 +18,7 @@ arguments (ints, floats, tuples), never a ConfigDict.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
 from collections.abc import Callable, Mapping
@@ -45,6 +46,7 @@ __all__ = [
     "get_model",
     "get_noise_fn",
     "get_score_fn",
+    "ScoreModel",
     "score_fn_from_noise_fn",
     "init_variables",
     "abstract_variables",
@@ -139,3 +141,24 @@ def get_score_fn(
 ) -> ScoreFn:
     """score_fn(x [B, ...], t [B]) -> [B, ...] = -eps_hat(x, t) / sigma(t) for a noise network."""
     return score_fn_from_noise_fn(get_noise_fn(model, variables, train=train, rng=rng), sde)
+
+
+@dataclasses.dataclass(frozen=True)
+class ScoreModel:
+    """score(params, x [B, ...], t [B]) -> [B, ...] of a noise network: parameters as an argument.
+
+    The parameters enter a jitted function as an argument, not as constants baked into the
+    program, so one compiled program serves every checkpoint of a model. Instances compare (and
+    hash) equal for equal (model, sde), so code that caches compiled functions by their score
+    model (`evaluate`) reuses them across checkpoints.
+    """
+
+    model: nn.Module
+    sde: SDE
+
+    def __call__(self, params: Any, x: Array, t: Array) -> Array:
+        return get_score_fn(self.model, {"params": params}, self.sde)(x, t)
+
+    def bind(self, params: Any) -> ScoreFn:
+        """score_fn(x, t) for fixed parameters."""
+        return lambda x, t: self(params, x, t)

@@ -1,42 +1,33 @@
-"""Data sets -> exact uint8 arrays -> deterministic batches -> model inputs.
+"""Data sets: the whole train and test splits as exact arrays, by name.
 
-Three layers, each usable on its own:
+`load(name, **options) -> Dataset`: the splits exactly as released (uint8 NHWC images, no
+resizing or re-encoding), held in memory or memory-mapped. Names are the keys of `DATASETS`:
 
-1. `load(name, **options) -> Dataset`: the whole train and test splits as arrays, exactly as
-   released (uint8 NHWC images, no resizing or re-encoding), held in memory or memory-mapped.
-   Names are the keys of `DATASETS`:
+===================  ======================================================  ======  ======
+name                 source                                                  levels  shape
+===================  ======================================================  ======  ======
+cifar10              TFDS `cifar10` (train / test)                           256     32x32x3
+imagenet32           TFDS `downsampled_imagenet/32x32` (train / validation)  256     32x32x3
+imagenet_resized32   TFDS `imagenet_resized/32x32` (train / validation)      256     32x32x3
+mnist                TFDS `mnist` (train / test)                             256     28x28x1
+fashion_mnist        TFDS `fashion_mnist` (train / test)                     256     28x28x1
+digits               scikit-learn's bundled 8x8 digits (offline)             17      8x8x1
+npz                  the user's own uint8 [N, H, W, C] files (key `x`)       option  any
+toy2d                checkerboard / 8gaussians / moons / swissroll           None    2
+===================  ======================================================  ======  ======
 
-   ===================  ======================================================  ======  ======
-   name                 source                                                  levels  shape
-   ===================  ======================================================  ======  ======
-   cifar10              TFDS `cifar10` (train / test)                           256     32x32x3
-   imagenet32           TFDS `downsampled_imagenet/32x32` (train / validation)  256     32x32x3
-   imagenet_resized32   TFDS `imagenet_resized/32x32` (train / validation)      256     32x32x3
-   mnist                TFDS `mnist` (train / test)                             256     28x28x1
-   fashion_mnist        TFDS `fashion_mnist` (train / test)                     256     28x28x1
-   digits               scikit-learn's bundled 8x8 digits (offline)             17      8x8x1
-   npz                  the user's own uint8 [N, H, W, C] files (key `x`)       option  any
-   toy2d                checkerboard / 8gaussians / moons / swissroll           None    2
-   ===================  ======================================================  ======  ======
+`imagenet32` is the paper's data (van den Oord et al. 2016). `imagenet_resized32` is the later
+Chrabaszcz et al. (2017) down-sampling: a different data set whose NLLs are NOT comparable to
+the paper's ImageNet 32x32 numbers.
 
-   `imagenet32` is the paper's data (van den Oord et al. 2016). `imagenet_resized32` is the later
-   Chrabaszcz et al. (2017) down-sampling: a different data set whose NLLs are NOT comparable to
-   the paper's ImageNet 32x32 numbers.
+TFDS data sets are never downloaded unless `download=True`: without prepared files `load`
+fails at once with a message naming the two ways out. The first load of a split streams it
+into `<data_dir>/mlscore_jax_cache/<tfds name>/<version>/<split>.npy`; later loads memory-map
+that file (ImageNet 32 train is 3.9 GB as uint8) and do not import TensorFlow.
 
-   TFDS data sets are never downloaded unless `download=True`: without prepared files `load`
-   fails at once with a message naming the two ways out. The first load of a split streams it
-   into `<data_dir>/mlscore_jax_cache/<tfds name>/<version>/<split>.npy`; later loads memory-map
-   that file (ImageNet 32 train is 3.9 GB as uint8) and do not import TensorFlow.
-
-2. Batches on the host, pure functions of (seed, step, process): `train_batch`, `train_batches`
-   (n consecutive steps stacked, for `n_jitted_steps`), and `eval_batches` (whole split, fixed
-   order, padded last batch with a mask). No tf.data in the training loop.
-
-3. `preprocess(key, x, ...)`: the jittable map from uint8 batches to model inputs, through
-   `bpd.dequantize` and `bpd.to_model_space`, the single source of the bits/dim conventions.
-
-TensorFlow (slow to import) and scikit-learn are imported lazily, inside the loaders that need
-them, so `import mlscore_jax.data` and the `digits`/`npz`/`toy2d` paths never import TensorFlow.
+Batches are built by `batches`, model inputs by `preprocessing`. TensorFlow (slow to import) and
+scikit-learn are imported lazily, inside the loaders that need them, so `import
+mlscore_jax.datasets` and the `digits`/`npz`/`toy2d` paths never import TensorFlow.
 """
 
 from __future__ import annotations
@@ -48,17 +39,12 @@ import logging
 import math
 import os
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 
-from mlscore_jax import bpd
-
-Array = jax.Array
 PathLike = str | os.PathLike
 
 logger = logging.getLogger(__name__)
@@ -564,228 +550,3 @@ def load(name: str, **options: Any) -> Dataset:
     if missing:
         raise TypeError(f"data set {name!r} needs option(s) {missing}")
     return loader(**options)
-
-
-# ------------------------------------------------------------------------------------------------
-# Deterministic batches
-# ------------------------------------------------------------------------------------------------
-
-
-def _check_processes(global_batch_size: int, process_index: int, process_count: int) -> int:
-    if global_batch_size <= 0:
-        raise ValueError(f"global_batch_size must be positive, got {global_batch_size}")
-    if process_count <= 0 or not 0 <= process_index < process_count:
-        raise ValueError(
-            f"need 0 <= process_index ({process_index}) < process_count ({process_count})"
-        )
-    if global_batch_size % process_count:
-        raise ValueError(
-            f"global_batch_size {global_batch_size} is not divisible by process_count "
-            f"{process_count}"
-        )
-    return global_batch_size // process_count
-
-
-@functools.lru_cache(maxsize=4)
-def _epoch_permutation(seed: int, epoch: int, num_examples: int) -> np.ndarray:
-    """The order of the examples in one epoch: int64 [num_examples], read-only."""
-    perm = np.random.default_rng([seed, epoch]).permutation(num_examples)
-    return _read_only(perm)
-
-
-def train_indices(
-    num_examples: int,
-    *,
-    seed: int,
-    first_step: int,
-    num_steps: int,
-    global_batch_size: int,
-    process_index: int = 0,
-    process_count: int = 1,
-) -> np.ndarray:
-    """Which examples this process trains on at steps first_step .. first_step + num_steps - 1.
-
-    The training stream is a sequence of epochs, each a permutation of the N examples drawn by
-    `np.random.default_rng([seed, epoch])`. Example j (0 <= j < global_batch_size) of the global
-    batch at `step` is stream position g = step * global_batch_size + j: epoch g // N, position
-    g % N in that epoch's permutation. Batches run across epoch boundaries without dropping or
-    repeating anything, so every example is seen once per epoch. Process p takes the contiguous
-    slice j in [p * B_local, (p + 1) * B_local) with B_local = global_batch_size / process_count.
-
-    Returns:
-      int64 [num_steps, B_local], indices into the training array.
-    """
-    local = _check_processes(global_batch_size, process_index, process_count)
-    if num_examples <= 0:
-        raise ValueError("no training examples")
-    if seed < 0 or first_step < 0 or num_steps < 0:
-        raise ValueError(
-            f"seed, first_step and num_steps must be >= 0, got {seed}, {first_step}, {num_steps}"
-        )
-    steps = first_step + np.arange(num_steps, dtype=np.int64)
-    offsets = process_index * local + np.arange(local, dtype=np.int64)
-    stream = steps[:, None] * global_batch_size + offsets[None, :]  # [num_steps, B_local]
-    epoch, position = np.divmod(stream, num_examples)
-    out = np.empty_like(stream)
-    for e in np.unique(epoch):
-        in_e = epoch == e
-        out[in_e] = _epoch_permutation(int(seed), int(e), int(num_examples))[position[in_e]]
-    return out
-
-
-def train_batches(
-    images: np.ndarray,
-    *,
-    seed: int,
-    first_step: int,
-    num_steps: int,
-    global_batch_size: int,
-    process_index: int = 0,
-    process_count: int = 1,
-) -> np.ndarray:
-    """This process's training batches for `num_steps` consecutive steps, stacked.
-
-    A pure function of its arguments (see `train_indices`): a run resumed at step k gets
-    exactly the batches it would have got, and the processes' slices of one global batch are
-    disjoint and together make up the 1-process global batch.
-
-    Args:
-      images: [N, ...] training array (uint8 [N, H, W, C] or float32 [N, 2]; may be a memmap).
-      seed: data seed (>= 0).
-      first_step: the first training step (0-based).
-      num_steps: how many consecutive steps (e.g. n_jitted_steps fused per dispatch).
-      global_batch_size: batch size summed over processes.
-      process_index, process_count: this process and how many there are.
-
-    Returns:
-      [num_steps, global_batch_size // process_count, ...], same dtype as images.
-    """
-    idx = train_indices(
-        len(images),
-        seed=seed,
-        first_step=first_step,
-        num_steps=num_steps,
-        global_batch_size=global_batch_size,
-        process_index=process_index,
-        process_count=process_count,
-    )
-    return np.take(images, idx.reshape(-1), axis=0).reshape(*idx.shape, *images.shape[1:])
-
-
-def train_batch(
-    images: np.ndarray,
-    *,
-    seed: int,
-    step: int,
-    global_batch_size: int,
-    process_index: int = 0,
-    process_count: int = 1,
-) -> np.ndarray:
-    """This process's training batch at `step`: [global_batch_size // process_count, ...].
-
-    Same as `train_batches(..., first_step=step, num_steps=1)[0]`.
-    """
-    return train_batches(
-        images,
-        seed=seed,
-        first_step=step,
-        num_steps=1,
-        global_batch_size=global_batch_size,
-        process_index=process_index,
-        process_count=process_count,
-    )[0]
-
-
-def num_eval_batches(num_examples: int, batch_size: int) -> int:
-    """Number of (global) evaluation batches covering num_examples: ceil(N / batch_size)."""
-    return -(-num_examples // batch_size)
-
-
-def eval_batches(
-    images: np.ndarray,
-    batch_size: int,
-    *,
-    process_index: int = 0,
-    process_count: int = 1,
-) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """The whole split in its stored order, in fixed-shape batches with a validity mask.
-
-    Global batch b holds examples [b * batch_size, (b + 1) * batch_size); process p gets the
-    contiguous slice of B_local = batch_size / process_count rows starting at
-    b * batch_size + p * B_local. Rows past the end are zero padding with mask False, so every
-    example is counted exactly once (the official code dropped the last partial batch: 784 of
-    the 10 000 CIFAR-10 test images at batch size 1024). Every process yields the same number
-    of batches, `num_eval_batches(N, batch_size)`.
-
-    Args:
-      images: [N, ...] split (e.g. `Dataset.test`).
-      batch_size: global evaluation batch size.
-      process_index, process_count: this process and how many there are.
-
-    Yields:
-      (batch [B_local, ...] same dtype as images, mask bool [B_local]).
-    """
-    local = _check_processes(batch_size, process_index, process_count)
-    num = len(images)
-    for b in range(num_eval_batches(num, batch_size)):
-        start = b * batch_size + process_index * local
-        stop = min(start + local, num)
-        valid = max(stop - start, 0)
-        batch = np.zeros((local, *images.shape[1:]), images.dtype)
-        batch[:valid] = images[start : start + valid]
-        yield batch, np.arange(local) < valid
-
-
-# ------------------------------------------------------------------------------------------------
-# Preprocessing (jittable)
-# ------------------------------------------------------------------------------------------------
-
-
-def preprocess(
-    key: Array | None,
-    x: Array,
-    *,
-    levels: int | None,
-    uniform_dequantization: bool = False,
-    centered: bool = True,
-    random_flip: bool = False,
-) -> Array:
-    """Integer pixels -> model inputs; pure and jittable (the keyword options are static).
-
-    Steps, in order: optional horizontal flip of each image (on the integers, so it is exact);
-    y = (k + u) / levels with u ~ U[0, 1) (`uniform_dequantization`) or the bin centre
-    y = (k + 1/2) / levels (`bpd.dequantize`); x = 2y - 1 if `centered` (`bpd.to_model_space`).
-    The bits/dim of a model trained on these inputs come from
-    `bpd.nats_to_bpd(nll, D, levels=levels, centered=centered)`.
-
-    Args:
-      key: PRNG key; needed when uniform_dequantization or random_flip, else may be None.
-      x: integer images [..., H, W, C] (e.g. uint8 [B, H, W, C] or [n_steps, B, H, W, C]); for
-        continuous data (levels None) float points [..., D], returned as float32 unchanged.
-      levels: the data set's quantization levels (`Dataset.levels`); None for continuous data.
-      uniform_dequantization: add u ~ U[0, 1) instead of 1/2 (off in the paper's training
-        configs, on for likelihood evaluation).
-      centered: map [0, 1) to [-1, 1) (every ScoreFlow config). Ignored for continuous data.
-      random_flip: flip each image left-right with probability 1/2. Off by default: the paper's
-        headline numbers are "without data augmentation".
-
-    Returns:
-      float32 array shaped like x.
-    """
-    if levels is None:
-        if uniform_dequantization or random_flip:
-            raise ValueError("continuous data (levels=None): no dequantization and no flips")
-        return jnp.asarray(x, jnp.float32)
-    x = jnp.asarray(x)
-    if not jnp.issubdtype(x.dtype, jnp.integer):
-        raise TypeError(f"preprocess expects integer pixels (uint8), got {x.dtype}")
-    if x.ndim < 3:
-        raise ValueError(f"preprocess expects images [..., H, W, C], got shape {x.shape}")
-    if (uniform_dequantization or random_flip) and key is None:
-        raise ValueError("uniform_dequantization and random_flip need a PRNG key")
-    if random_flip:
-        key, flip_key = jax.random.split(key)
-        flip = jax.random.bernoulli(flip_key, 0.5, x.shape[:-3])[..., None, None, None]
-        x = jnp.where(flip, jnp.flip(x, axis=-2), x)
-    y = bpd.dequantize(key if uniform_dequantization else None, x, levels)
-    return bpd.to_model_space(y, centered)
