@@ -194,7 +194,7 @@ def _not_prepared_message(spec: _TfdsSpec, root: Path, builder: Any, cache_dir: 
         "--config.data.download=True, does it in place.)",
         f"  2. Use your own lossless copy as data set 'npz': uint8 images [N, {h}, {w}, {c}] "
         "saved under the key 'x', e.g. numpy.savez('train.npz', x=images), then",
-        "       data.load('npz', train_file='train.npz', test_file='test.npz')",
+        "       datasets.load('npz', train_file='train.npz', test_file='test.npz')",
         "     i.e. --config.data.dataset=npz --config.data.train_file=train.npz "
         "--config.data.test_file=test.npz",
     ]

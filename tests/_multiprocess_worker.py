@@ -86,6 +86,10 @@ class Jobs:
         with open(self.outputs[i][0].name) as f:
             return f.read()
 
+    def stderr(self, i: int) -> str:
+        with open(self.outputs[i][1].name) as f:
+            return f.read()
+
     def wait(self, timeout: float) -> list[JobResult]:
         """Waits for all; one failing stops the others; TimeoutError past ``timeout`` s."""
         deadline = time.monotonic() + timeout
@@ -101,7 +105,7 @@ class Jobs:
         finally:
             self.kill()
         return [
-            JobResult(p.returncode, self.stdout(i), open(self.outputs[i][1].name).read())
+            JobResult(p.returncode, self.stdout(i), self.stderr(i))
             for i, p in enumerate(self.procs)
         ]
 
@@ -144,10 +148,13 @@ def run_jobs(jobs: list[list[str]], *, num_devices: int, timeout: float) -> list
 
 
 def _setup_jax(num_devices: int):
+    """JAX with `num_devices` CPU devices: configured in a fresh child process; in a test
+    process (conftest already set them, backend started) only checked."""
     import jax
 
-    jax.config.update("jax_platforms", "cpu")
-    jax.config.update("jax_num_cpu_devices", num_devices)
+    if jax.config.jax_num_cpu_devices != num_devices:  # nothing may touch the backend before
+        jax.config.update("jax_platforms", "cpu")  # jax.distributed.initialize in the child
+        jax.config.update("jax_num_cpu_devices", num_devices)
     return jax
 
 

@@ -1,11 +1,13 @@
 """Checkpointer and PreemptionGuard: round trip, keep policy, resume, damage, NaN, SIGTERM."""
 
+import argparse
 import logging
 import os
 import shutil
 import signal
 import time
 
+import _multiprocess_worker
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -296,8 +298,8 @@ def test_preemption_guard_sets_flag_and_restores_handler():
 
 
 def test_sharded_restore_over_four_devices(tmp_path):
-    (job,) = run_jobs([["sharded-restore", "--workdir", str(tmp_path)]], num_devices=4, timeout=120)
-    r = job.result
+    # in process: the test process has 4 CPU devices (conftest)
+    r = _multiprocess_worker.job_sharded_restore(argparse.Namespace(workdir=str(tmp_path)))
     assert r["num_devices"] == 4
     assert r["same"] and r["shardings_ok"]
     assert "spec=P()" in r["key_sharding"] and r["key_dtype"] == "key<fry>"

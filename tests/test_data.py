@@ -250,7 +250,7 @@ def _fake_32x32(self, split, decoders=None, read_config=None, shuffle_files=Fals
 
     seed = {"train": 0, "validation": 1}[str(split)]
     images = np.random.default_rng(seed).integers(0, 256, (_NUM_FAKE, 32, 32, 3), np.uint8)
-    return tf.datasets.Dataset.from_tensor_slices({"image": images})
+    return tf.data.Dataset.from_tensor_slices({"image": images})
 
 
 def _expected_fake_images(tfds, tfds_name: str, split: str) -> np.ndarray:
