@@ -1,14 +1,26 @@
-"""Guards against known miscompilations of the XLA version we run on."""
+"""Guards against known miscompilations of the XLA version we run on, and the workaround's
+version gate."""
+
+import os
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
-import mlscore_jax  # noqa: F401  (sets XLA_FLAGS before the backend starts)
+import mlscore_jax  # (sets XLA_FLAGS before the backend starts)
 
 
 def test_fused_reduce_with_expm1_matches_op_by_op():
-    """jaxlib 0.10.2's YNNPACK fusion got this wrong by O(1); mlscore_jax disables it."""
+    """jaxlib 0.10.2's YNNPACK fusion got this wrong by O(1); mlscore_jax disables it there.
+
+    On every other jaxlib the fusion runs, and this test is the detector: if it fails, the
+    version belongs in mlscore_jax.YNN_MISCOMPILING_JAXLIB. The op-by-op reference and the
+    fused program compute the same float32 chain (sum of 4, two expm1, one divide): they agree
+    to a few ulps (relative 1e-6) wherever the ratio is well-conditioned; 1e-5 keeps margin.
+    """
     t = jax.random.uniform(jax.random.key(0), (200, 500), jnp.float32, 1e-2, 1.0)
     z = jax.random.normal(jax.random.key(1), (200, 500, 4))
 
@@ -16,3 +28,31 @@ def test_fused_reduce_with_expm1_matches_op_by_op():
         return jnp.sum(z, -1) * jnp.expm1(2 * t) / jnp.expm1(t)
 
     np.testing.assert_allclose(jax.jit(f)(t, z), f(t, z), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("flags", "version", "expected"),
+    [
+        ("", "0.10.2", "--xla_cpu_experimental_ynn_fusion_type="),  # miscompiles: workaround
+        ("--a=1", "0.10.2", "--a=1 --xla_cpu_experimental_ynn_fusion_type="),
+        ("", "0.10.1", ""),  # not known to miscompile: untouched
+        ("--a=1", "0.11.0", "--a=1"),
+        (
+            "--xla_cpu_experimental_ynn_fusion_type=all",
+            "0.10.2",
+            "--xla_cpu_experimental_ynn_fusion_type=all",
+        ),  # noqa: E501 (the user's own choice wins)
+        ("", None, ""),
+    ],
+)
+def test_workaround_applies_only_to_the_miscompiling_jaxlib(flags, version, expected):
+    assert mlscore_jax.xla_flags_with_workaround(flags, version) == expected
+
+
+def test_import_sets_the_flag_for_the_installed_jaxlib():
+    code = "import os, mlscore_jax; print(os.environ.get('XLA_FLAGS', ''))"
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    installed = mlscore_jax._jaxlib_version()
+    assert out.stdout.strip() == mlscore_jax.xla_flags_with_workaround("", installed)
+    assert ("ynn_fusion_type=" in out.stdout) == (installed in mlscore_jax.YNN_MISCOMPILING_JAXLIB)
