@@ -4,7 +4,7 @@
    `--workdir` (resumes if a checkpoint is there; nothing to do if training is complete);
 2. evaluates test bits/dim with the EMA parameters by the probability-flow ODE and by the bound,
    over all 300 test images (`mlscore_jax.evaluate`; `--repeats R` for R repeats);
-3. draws 64 samples with the predictor-corrector sampler (reverse diffusion + Langevin, 1000
+3. draws 64 samples with the predictor-corrector sampler (reverse diffusion + Langevin, 500
    steps) and 64 with the probability-flow ODE sampler from the same model, into
    `<workdir>/eval/samples_step<step>.png` and `samples_ode_step<step>.png`;
 4. prints a table, with the bits/dim of simple reference models on the same dequantized test
@@ -75,7 +75,7 @@ def main() -> None:
     parser.add_argument("--workdir", default=str(REPO / "runs" / "demo"))
     parser.add_argument("--steps", type=int, default=None, help="training steps (config: 3000)")
     parser.add_argument(
-        "--repeats", type=int, default=1, help="eval repeats (1 keeps the demo under 10 min)"
+        "--repeats", type=int, default=1, help="eval repeats (1 keeps the demo near 5 min)"
     )
     args = parser.parse_args()
 
@@ -91,13 +91,18 @@ def main() -> None:
             bpd=dataclasses.replace(exp.eval.bpd, num_repeats=args.repeats),
             enable_sampling=True,
         ),
-        sampling=dataclasses.replace(exp.sampling, method="pc"),
+        # 500 predictor-corrector steps (NFE 1000) instead of the official 1000: half the time,
+        # samples of the same look on 8x8 digits
+        sampling=dataclasses.replace(exp.sampling, method="pc", num_scales=500),
     )
     print(f"data: {exp.dataset!r}\nworkdir: {args.workdir}", flush=True)
 
     start = time.perf_counter()
-    train.train_and_evaluate(exp, args.workdir, progress=True)
+    state = train.train_and_evaluate(exp, args.workdir, progress=True)
     train_s = time.perf_counter() - start
+    if int(state.step) < exp.train.n_iters:  # SIGTERM: checkpointed, stop here
+        print(f"stopped at step {int(state.step)} (pre-emption); rerun the same command to resume")
+        return
     start = time.perf_counter()
     metrics = evaluate.evaluate(exp, args.workdir, progress=True)
     params, step = evaluate.restore_params(exp, args.workdir, parallel.make_mesh())

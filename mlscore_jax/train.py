@@ -170,12 +170,11 @@ def train_steps(
     """`batches.shape[0]` steps fused with lax.scan; metrics are stacked [n].
 
     `unroll=True` unrolls the scan into straight-line code. Training keeps it rolled on every
-    backend: on XLA:CPU the conv gradients inside the loop body used to run ~25x slower than in
-    straight-line code (2.07 s vs 0.063 s per step for configs/cpu/digits_ddpmpp.py), but the
-    DDPM++ network now differentiates its convolutions through `models.layers.
-    conv_general_dilated` on CPU, and rolled is as fast as unrolled there and compiles faster
-    (digits, 5 steps per call: 12.4 s vs 35.1 s compile, 62.6 vs 64.4 ms per step;
-    experiments/bench_train_loop.py).
+    backend: on XLA:CPU convolution gradients inside a loop body used to be far slower than in
+    straight-line code, but DDPM++ differentiates its convolutions through
+    `models.layers.conv_general_dilated` on CPU, and rolled is then as fast as unrolled and
+    compiles faster (`experiments/bench_train_loop.py`; its numbers are in
+    experiments/README.md).
     """
     return jax.lax.scan(lambda s, b: train_step(s, b, **kwargs), state, batches, unroll=unroll)
 
