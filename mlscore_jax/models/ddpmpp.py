@@ -112,7 +112,8 @@ class NIN(nn.Module):
     def __call__(self, x: Array) -> Array:
         w = self.param("W", default_init(self.init_scale), (x.shape[-1], self.features))
         b = self.param("b", nn.initializers.zeros, (self.features,))
-        return jnp.einsum("...c,cd->...d", x, w) + b
+        y = jnp.einsum("...c,cd->...d", x, w)
+        return y + b.reshape((1,) * (y.ndim - 1) + (-1,))  # explicit rank: no implicit promotion
 
 
 class ResnetBlockBigGAN(nn.Module):
