@@ -52,10 +52,20 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def subprocess_xla_flags(num_devices: int) -> str:
+    """XLA_FLAGS for a child process: this process's flags (e.g. --xla_cpu_max_isa=AVX2, so a
+    child computes like its parent) plus `num_devices` host devices."""
+    flags = [
+        f for f in os.environ.get("XLA_FLAGS", "").split()
+        if not f.startswith("--xla_force_host_platform_device_count")
+    ]  # fmt: skip
+    return " ".join([*flags, f"--xla_force_host_platform_device_count={num_devices}"])
+
+
 def job_env(num_devices: int) -> dict[str, str]:
     env = dict(os.environ)
     env["JAX_PLATFORMS"] = "cpu"
-    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={num_devices}"
+    env["XLA_FLAGS"] = subprocess_xla_flags(num_devices)
     env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
     for name in ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID"):
         env.pop(name, None)

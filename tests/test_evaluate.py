@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from _multiprocess_worker import subprocess_xla_flags
 from conftest import NUM_TEST_DEVICES
 from jax import monitoring
 from PIL import Image
@@ -220,7 +221,7 @@ def _exp(*overrides):
 
 def _env():
     env = dict(os.environ, PYTHONPATH=str(ROOT))
-    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={NUM_TEST_DEVICES}"
+    env["XLA_FLAGS"] = subprocess_xla_flags(NUM_TEST_DEVICES)
     return env
 
 

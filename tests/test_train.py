@@ -18,6 +18,7 @@ import ml_collections
 import numpy as np
 import optax
 import pytest
+from _multiprocess_worker import subprocess_xla_flags
 from conftest import NUM_TEST_DEVICES
 
 from mlscore_jax import batches, checkpoint, datasets, experiment, train
@@ -44,7 +45,7 @@ def _env(devices: int = NUM_TEST_DEVICES) -> dict:
     so its checkpoints are bit-identical to an in-process run's."""
     env = dict(os.environ)
     env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
-    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+    env["XLA_FLAGS"] = subprocess_xla_flags(devices)
     return env
 
 
