@@ -36,7 +36,7 @@ format: install
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache .ruff_cache
 
-# The main job on the embedded default (scikit-learn digits), offline, ~6 min on 2 CPU cores.
+# The main job on the embedded default (scikit-learn digits), offline, about 5 min on 2 CPU cores.
 demo: install
 	$(PY) experiments/demo.py --workdir runs/demo
 
