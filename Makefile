@@ -9,7 +9,7 @@ ARGS    ?=
 MAIN    := $(PY) -m mlscore_jax.main
 STAMP  := $(VENV)/.installed
 
-.PHONY: install test lint format clean train eval demo bench \
+.PHONY: install test lint format clean train train-deq eval demo bench \
 	train-digits train-digits-mlp train-mnist train-toy2d \
 	train-vp-cifar10 train-vp-cifar10-deep train-subvp-cifar10 train-subvp-cifar10-deep \
 	train-vp-imagenet32 train-vp-imagenet32-deep train-subvp-imagenet32 train-subvp-imagenet32-deep
@@ -46,6 +46,10 @@ bench: install
 
 train: install
 	$(MAIN) --config=$(CONFIG) --workdir=$(WORKDIR) --mode=train $(ARGS)
+
+# The variational dequantizer of a trained score model (second stage, WORKDIR/dequantizer).
+train-deq: install
+	$(MAIN) --config=$(CONFIG) --workdir=$(WORKDIR) --mode=train_deq $(ARGS)
 
 eval: install
 	$(MAIN) --config=$(CONFIG) --workdir=$(WORKDIR) --mode=eval $(ARGS)

@@ -94,8 +94,28 @@ def get_default_configs() -> ml_collections.ConfigDict:
     evaluate.divergence = "rademacher"
     evaluate.max_steps = 4096
     evaluate.use_ema = True
+    # 'uniform' | 'variational' (the trained Flow++ dequantizer of `deq`, --mode train_deq) |
+    # 'truncated_normal' (training free); K > 1: importance-weighted K-sample bound
+    evaluate.dequantization = "uniform"
+    evaluate.num_dequant_samples = 1
+    evaluate.deq_ckpt_step = -1  # the dequantizer's checkpoint; -1: the newest
     evaluate.enable_sampling = False
     evaluate.num_samples = 64
+
+    # The Flow++ variational dequantizer q(u | x), trained after the score model with
+    # `--mode train_deq` (official `config.deq`, its network: score_flow models/flowpp).
+    config.deq = deq = ml_collections.ConfigDict()
+    deq.name = "flowpp_cifar10"  # 3,466,976 parameters at these sizes
+    deq.filters = 96
+    deq.components = 32
+    deq.blocks = 2
+    deq.heads = 4
+    deq.context_channels = 32  # hard-coded in the official code
+    deq.context_blocks = 8  # flowpp_imagenet32's DeepProcessor only
+    deq.context_heads = 4  # flowpp_imagenet32's DeepProcessor only
+    deq.n_iters = 300_001
+    deq.ema_rate = 0.99
+    deq.offset = True
 
     config.sampling = sampling = ml_collections.ConfigDict()
     sampling.method = "ode"

@@ -18,6 +18,9 @@ def get_default_configs() -> ml_collections.ConfigDict:
     config.model.dropout = 0.0
     config.eval.bpd_dataset = "test"  # the validation split: imagenet32 has no test split
     config.eval.num_repeats = 1
+    config.deq.name = "flowpp_imagenet32"  # 35,482,720 parameters at these sizes
+    config.deq.filters = 128
+    config.deq.blocks = 8
     return config
 
 

@@ -56,7 +56,7 @@ def main() -> None:
             lambda s, b, unroll=unroll: train.train_steps(
                 s,
                 b,
-                exp=exp,
+                loss_fn=train.score_loss(exp),
                 tx=tx,
                 schedule=schedule,
                 ema_rate=exp.train.ema_rate,

@@ -45,6 +45,7 @@ from mlscore_jax import (
     batches,
     bound,
     checkpoint,
+    dequantizers,
     experiment,
     likelihood,
     models,
@@ -65,25 +66,42 @@ def _batch_fn(
     score_fn: ParamScoreFn,
     sde: SDE,
     preprocessing: Preprocessing,
+    dequantizer: dequantizers.Dequantizer,
     num_dims: int,
     settings: BpdSettings,
-) -> Callable[[Any, Array, Array], dict[str, Array]]:
-    """(params, integer or float batch [B, ...], key) -> per-image results, all [B]."""
-    dequantize = preprocessing.for_likelihood()
+) -> Callable[[Any, Any, Array, Array], dict[str, Array]]:
+    """(params, dequantizer params, integer or float batch [B, ...], key) -> per-image results.
 
-    def bits_per_dim_batch(params: Any, batch: Array, key: Array) -> dict[str, Array]:
-        k_deq, k_ode, k_bound = jax.random.split(key, 3)
-        x = dequantize(k_deq, batch)
+    Every entry is [B]. With K = settings.num_dequant_samples dequantization draws per image,
+    'ode' / 'bound' are the importance-weighted K-sample numbers and 'ode_single' /
+    'bound_single' the mean of the K single-sample ones (K > 1 only); 'log_q' is the
+    dequantizer's term (mean over the K draws), all in bits/dim (nats for continuous data).
+
+    The K draws share the Hutchinson probe of the ODE and the time and noise draws of the bound.
+    The importance-weighted estimate is -log (1/K sum_k exp(-(nll_k + log q_k))) with estimated
+    nll_k; if their Monte-Carlo errors were independent across k, the log-mean-exp would pick
+    the luckiest error and fall below the K-sample bound (by about 1.4 sigma - log K nats for
+    K = 8 and errors of sigma >> 1 nat). Shared random numbers make the errors nearly equal,
+    and a common error passes through the log-mean-exp unchanged, with mean zero.
+    """
+    num = settings.num_dequant_samples
+    to_bpd = preprocessing.nats_to_bpd
+    scale = preprocessing.nats_scale(num_dims)
+
+    def one_draw(params: Any, deq_params: Any, batch: Array, keys: Array) -> dict[str, Array]:
+        """One dequantization draw: totals in nats, nll + log q (per image)."""
+        k_deq, k_ode, k_bound = keys
 
         def score(x: Array, t: Array) -> Array:
             return score_fn(params, x, t)
 
-        out = {}
+        d = dequantizer(deq_params, k_deq, batch)
+        out = {"log_q": d.log_q}
         if settings.ode:
             r = likelihood.ode_nll(
                 score,
                 sde,
-                x,
+                d.x,
                 k_ode,
                 eps=settings.eps,
                 rtol=settings.rtol,
@@ -92,13 +110,13 @@ def _batch_fn(
                 solver=settings.solver,
                 max_steps=settings.max_steps,
             )
-            out["ode"] = preprocessing.nats_to_bpd(r.nll, num_dims)
+            out["ode"] = r.nll + d.log_q
             out["ode_nfe"] = r.nfe
         if settings.bound:
             b = bound.nll_bound(
                 score,
                 sde,
-                x,
+                d.x,
                 k_bound,
                 eps=settings.eps,
                 num_t=settings.num_t,
@@ -106,8 +124,40 @@ def _batch_fn(
                 estimator=settings.estimator,
                 draws_per_call=settings.draws_per_call,
             )
-            out["bound"] = preprocessing.nats_to_bpd(b.nll, num_dims)
-            out["bound_stderr"] = b.stderr * preprocessing.nats_scale(num_dims)
+            out["bound"] = b.nll + d.log_q
+            out["bound_stderr"] = b.stderr
+        return out
+
+    def bits_per_dim_batch(params: Any, deq_params: Any, batch: Array, key: Array) -> dict:
+        keys = jax.random.split(key, 3)
+        if num == 1:  # the unsplit keys: uniform dequantization gives the numbers it always gave
+            per = jax.tree.map(lambda a: a[None], one_draw(params, deq_params, batch, keys))
+        else:
+            # K dequantization draws that share the ODE's probe and the bound's time draws
+            # (common random numbers): their Monte-Carlo errors then nearly coincide and cancel
+            # in the importance weights; independent errors would bias the log-mean-exp low
+            deq_keys = jax.random.split(keys[0], num)
+            per = jax.lax.map(
+                lambda k: one_draw(params, deq_params, batch, (k, keys[1], keys[2])), deq_keys
+            )
+        out = {}
+        for name in ("ode", "bound"):
+            if name not in per:
+                continue
+            stderr = per.get(f"{name}_stderr")
+            iw, iw_stderr = dequantizers.importance_weighted(per[name], stderr)
+            out[name] = to_bpd(iw, num_dims)
+            if stderr is not None:
+                out[f"{name}_stderr"] = iw_stderr * scale
+            if num > 1:
+                out[f"{name}_single"] = to_bpd(per[name].mean(0), num_dims)
+                if stderr is not None:
+                    # shared random numbers: the K errors are (nearly) the same error
+                    out[f"{name}_single_stderr"] = stderr.mean(0) * scale
+        if "ode_nfe" in per:
+            out["ode_nfe"] = per["ode_nfe"].mean(0) if num > 1 else per["ode_nfe"][0]
+        if not isinstance(dequantizer, dequantizers.Uniform):
+            out["log_q"] = per["log_q"].mean(0) * scale
         return out
 
     return bits_per_dim_batch
@@ -118,16 +168,17 @@ def _compiled_batch_fn(
     score_fn: ParamScoreFn,
     sde: SDE,
     preprocessing: Preprocessing,
+    dequantizer: dequantizers.Dequantizer,
     num_dims: int,
     settings: BpdSettings,
     mesh: jax.sharding.Mesh,
-) -> Callable[[Any, Array, Array], dict[str, Array]]:
-    """One jitted batch function per (score model, SDE, preprocessing, settings, mesh): jit
-    caches its compiled programs on this object, so a second checkpoint reuses them."""
+) -> Callable[[Any, Any, Array, Array], dict[str, Array]]:
+    """One jitted batch function per (score model, SDE, preprocessing, dequantizer, settings,
+    mesh): jit caches its compiled programs on this object, so a second checkpoint reuses them."""
     replicated = parallel.replicated(mesh)
     return jax.jit(
-        _batch_fn(score_fn, sde, preprocessing, num_dims, settings),
-        in_shardings=(replicated, parallel.data_sharding(mesh), replicated),
+        _batch_fn(score_fn, sde, preprocessing, dequantizer, num_dims, settings),
+        in_shardings=(replicated, replicated, parallel.data_sharding(mesh), replicated),
         out_shardings=replicated,
     )
 
@@ -167,6 +218,8 @@ def evaluate_split(
     out_dir: str,
     *,
     params: Any = None,
+    dequantizer: dequantizers.Dequantizer | None = None,
+    deq_params: Any = None,
     mesh: jax.sharding.Mesh | None = None,
     info: dict[str, Any] | None = None,
     progress: bool = False,
@@ -185,6 +238,9 @@ def evaluate_split(
       settings: what to compute.
       out_dir: directory for per-batch results (created; reused to resume).
       params: the parameters passed to score_fn (replicated over the mesh).
+      dequantizer: how integer images become points (`dequantizers`); default
+        `dequantizers.Uniform(preprocessing)`. Must agree with `settings.dequantization`.
+      deq_params: the parameters passed to the dequantizer (variational only).
       mesh: device mesh (default: every device); batches are sharded over it.
       info: entries to record with the metrics (e.g. the checkpoint step).
       progress: show a progress bar (images done / total, NFE so far) on process 0.
@@ -206,8 +262,16 @@ def evaluate_split(
     if num == 0:
         raise ValueError(f"no images to evaluate in the {settings.split} split")
     num_dims = math.prod(images.shape[1:])
-    fn = _compiled_batch_fn(score_fn, sde, preprocessing, num_dims, settings, mesh)
+    if dequantizer is None:
+        dequantizer = dequantizers.Uniform(preprocessing)
+    if dequantizers.kind_of(dequantizer) != settings.dequantization:
+        raise ValueError(
+            f"settings.dequantization={settings.dequantization!r} but the dequantizer is "
+            f"{dequantizers.kind_of(dequantizer)!r}"
+        )
+    fn = _compiled_batch_fn(score_fn, sde, preprocessing, dequantizer, num_dims, settings, mesh)
     params = jax.device_put(params, parallel.replicated(mesh))
+    deq_params = jax.device_put(deq_params, parallel.replicated(mesh))
     base = jax.random.key(settings.seed)
     num_batches = batches.num_eval_batches(num, settings.batch_size)
 
@@ -233,7 +297,7 @@ def evaluate_split(
                 if os.path.exists(path):
                     continue  # computed before an interruption
                 key = jax.random.fold_in(jax.random.fold_in(base, r), b)
-                out = jax.device_get(fn(params, parallel.shard_batch(batch, mesh), key))
+                out = jax.device_get(fn(params, deq_params, parallel.shard_batch(batch, mesh), key))
                 if jax.process_index() == 0:
                     tmp = path + ".tmp.npz"
                     np.savez(tmp, **out)
@@ -283,7 +347,7 @@ def _summarize(
         "num_repeats": settings.num_repeats,
         "settings": dataclasses.asdict(settings),
     }
-    for name in ("ode", "bound"):
+    for name in ("ode", "bound", "ode_single", "bound_single", "log_q"):
         if name not in per:
             continue
         values = per[name].astype(np.float64)  # [R, N]
@@ -299,10 +363,10 @@ def _summarize(
             ),
             "repeat_means": repeat_means.tolist(),
         }
-        if name == "bound":
+        if f"{name}_stderr" in per:
             # the bound's own Monte-Carlo error, from its time draws: valid even for R = 1
             # (the mean over R x N independent estimates: sum of their variances / (R N)^2)
-            var = (per["bound_stderr"].astype(np.float64) ** 2).sum()
+            var = (per[f"{name}_stderr"].astype(np.float64) ** 2).sum()
             entry["mc_stderr_from_draws"] = float(math.sqrt(var) / (num * settings.num_repeats))
         if name == "ode":
             nfe = per["ode_nfe"]
@@ -384,19 +448,39 @@ def restore_params(
         ckpt.close()
 
 
-def bpd_directory(exp: experiment.Experiment, workdir: str, step: int) -> str:
-    """Where the per-batch results of this evaluation live (named by its settings' digest)."""
+def bpd_directory(
+    exp: experiment.Experiment, workdir: str, step: int, deq_step: int | None = None
+) -> str:
+    """Where the per-batch results of this evaluation live (named by its settings' digest and,
+    for variational dequantization, the dequantizer's step)."""
     s = exp.eval.bpd
     kind = "ema" if exp.eval.use_ema else "raw"
-    return os.path.join(workdir, "eval", f"{s.split}_step{step}_{kind}_{s.digest()}")
+    deq = f"_deq{deq_step}" if deq_step is not None else ""
+    return os.path.join(workdir, "eval", f"{s.split}_step{step}{deq}_{kind}_{s.digest()}")
+
+
+def dequantizer_of(
+    exp: experiment.Experiment, workdir: str, mesh: jax.sharding.Mesh
+) -> tuple[dequantizers.Dequantizer, Any, int | None]:
+    """(dequantizer, its parameters, its step) of `exp.eval.bpd.dequantization`; the
+    variational one is restored from workdir/dequantizer (`train_deq.restore_dequantizer`)."""
+    kind = exp.eval.bpd.dequantization
+    if kind != "variational":
+        deq = dequantizers.make(kind, exp.preprocessing, sde=exp.sde, eps=exp.eval.bpd.eps)
+        return deq, None, None
+    from mlscore_jax import train_deq
+
+    deq_params, deq_step = train_deq.restore_dequantizer(exp, workdir, mesh)
+    return dequantizers.Variational(exp.dequantizer, exp.preprocessing), deq_params, deq_step
 
 
 def evaluate(exp: experiment.Experiment, workdir: str, *, progress: bool = False) -> dict[str, Any]:
     """Evaluate the checkpoint `exp.eval.ckpt_step` of `workdir`; returns (and writes) metrics.
 
     `exp.eval.enable_bpd`: bits/dim by ODE and bound (`evaluate_split`) into
-    `bpd_directory(...)`; `exp.eval.enable_sampling`: `exp.eval.num_samples` samples by
-    `exp.sampling` into workdir/eval/samples_step<step>.{npz,png}.
+    `bpd_directory(...)`, with the dequantization of `exp.eval.bpd.dequantization`;
+    `exp.eval.enable_sampling`: `exp.eval.num_samples` samples by `exp.sampling` into
+    workdir/eval/samples_step<step>.{npz,png}.
     """
     mesh = parallel.make_mesh()
     params, step = restore_params(exp, workdir, mesh)
@@ -406,7 +490,11 @@ def evaluate(exp: experiment.Experiment, workdir: str, *, progress: bool = False
         images = exp.dataset.test if settings.split == "test" else exp.dataset.train
         if images.shape[0] == 0:
             raise ValueError(f"the {settings.split} split of {exp.dataset.name} is empty")
-        out_dir = bpd_directory(exp, workdir, step)
+        deq, deq_params, deq_step = dequantizer_of(exp, workdir, mesh)
+        out_dir = bpd_directory(exp, workdir, step, deq_step)
+        info = {**metrics, "dir": out_dir, "dequantization": settings.dequantization}
+        if deq_step is not None:
+            info["deq_step"] = deq_step
         metrics = evaluate_split(
             models.ScoreModel(exp.model, exp.sde),
             exp.sde,
@@ -415,13 +503,18 @@ def evaluate(exp: experiment.Experiment, workdir: str, *, progress: bool = False
             settings,
             out_dir,
             params=params,
+            dequantizer=deq,
+            deq_params=deq_params,
             mesh=mesh,
-            info={**metrics, "dir": out_dir},
+            info=info,
             progress=progress,
         )
         if jax.process_index() == 0:
             _append_result(workdir, metrics, exp)
-            logger.info("metrics: %s", json.dumps({k: metrics.get(k) for k in ("ode", "bound")}))
+            logger.info(
+                "metrics: %s",
+                json.dumps({k: metrics.get(k) for k in ("ode", "bound", "log_q") if k in metrics}),
+            )
     if exp.eval.enable_sampling:
         metrics["samples"] = sample_to_files(
             exp, params, os.path.join(workdir, "eval", f"samples_step{step}")
@@ -475,18 +568,21 @@ def sample_to_files(
 def _append_result(workdir: str, metrics: dict[str, Any], exp: experiment.Experiment) -> None:
     path = os.path.join(workdir, "results.md")
     new = not os.path.exists(path)
+    s = exp.eval.bpd
     with open(path, "a") as f:
         if new:
             f.write(
-                "| date | data | split | step | images x repeats | unit | ODE | ODE NFE mean "
-                "[min-max] | bound |\n|---|---|---|---|---|---|---|---|---|\n"
+                "| date | data | split | step | images x repeats | dequantization (K) | unit "
+                "| ODE | ODE NFE mean [min-max] | bound |\n"
+                "|---|---|---|---|---|---|---|---|---|---|\n"
             )
         ode = metrics.get("ode")
         nfe = ode["nfe"] if ode else None
+        deq = s.dequantization + (f" step {metrics['deq_step']}" if "deq_step" in metrics else "")
         f.write(
             f"| {datetime.date.today()} | {exp.dataset.name} | {metrics['split']} | "
             f"{metrics['step']} | {metrics['num_images']} x {metrics['num_repeats']} | "
-            f"{metrics['unit']} | {format_metric(ode)} | "
+            f"{deq} ({s.num_dequant_samples}) | {metrics['unit']} | {format_metric(ode)} | "
             + (f"{nfe['mean']:.0f} [{nfe['min']}-{nfe['max']}]" if nfe else "-")
             + f" | {format_metric(metrics.get('bound'))} |\n"
         )

@@ -29,6 +29,7 @@ from mlscore_jax.preprocessing import Preprocessing
 from mlscore_jax.sde import SDE, VESDE, VPSDE, SubVPSDE
 from mlscore_jax.settings import (
     BpdSettings,
+    DequantizerSettings,
     EvalSettings,
     OptimizerSettings,
     SamplingSettings,
@@ -38,6 +39,7 @@ from mlscore_jax.settings import (
 logger = logging.getLogger(__name__)
 
 SECTIONS = ("training", "data", "model", "optim", "eval", "sampling")
+OPTIONAL_SECTIONS = ("deq",)  # absent: no variational dequantizer
 TFDS_DATASETS = ("cifar10", "imagenet32", "imagenet_resized32", "mnist", "fashion_mnist")
 
 # data.* options that apply to some data sets only, with their neutral (unset) values.
@@ -87,6 +89,10 @@ class Experiment:
     sampling: SamplingSettings = SamplingSettings()
     source: str = "<python>"  # the config file it came from
     ignored: tuple[str, ...] = ()  # config keys that belong to another data set / model / SDE
+    # the variational dequantizer q(u | x) (`models.flowpp`; None: the config has no `deq`
+    # section or the data are continuous) and its training stage (`--mode train_deq`)
+    dequantizer: nn.Module | None = None
+    deq: DequantizerSettings = DequantizerSettings()
 
     @property
     def example_shape(self) -> tuple[int, ...]:
@@ -237,6 +243,37 @@ def _loss_spec(t: _Section) -> LossSpec:
     )
 
 
+def _build_dequantizer(
+    deq: _Section, ds: datasets.Dataset
+) -> tuple[nn.Module | None, DequantizerSettings]:
+    """The Flow++ dequantizer of `config.deq` (None for continuous data) and its training."""
+    from mlscore_jax.models import flowpp
+
+    settings = _typed(
+        DequantizerSettings,
+        deq.source,
+        n_iters=int(deq["n_iters"]),
+        ema_rate=float(deq["ema_rate"]),
+        offset=bool(deq["offset"]),
+    )
+    name = deq["name"]
+    if name not in flowpp.DEQUANTIZERS:
+        raise ConfigError(
+            f"{deq.source}: unknown deq.name {name!r}; choose one of {sorted(flowpp.DEQUANTIZERS)}"
+        )
+    keys = [k for k in _model_fields(flowpp.FlowppDequantizer) if k not in ("variant", "levels")]
+    if not ds.is_image:
+        for key in keys:
+            deq.ignore(key, "continuous data have no dequantizer")
+        return None, settings
+    kwargs = {key: deq[key] for key in keys if key in deq}
+    try:
+        module = flowpp.DEQUANTIZERS[name](levels=ds.levels, **kwargs)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"{deq.source}: dequantizer {name!r}: {e}") from e
+    return module, settings
+
+
 def _typed(cls: type, source: str, **kwargs: Any) -> Any:
     try:
         return cls(**kwargs)
@@ -262,17 +299,19 @@ def from_config(
       ConfigError: a key nothing reads (naming it and the file), a missing key, an option of
         another data set set to a non-neutral value, or a value the settings reject.
     """
-    unknown = sorted(set(config.keys()) - set(SECTIONS) - {"seed"})
+    unknown = sorted(set(config.keys()) - set(SECTIONS) - set(OPTIONAL_SECTIONS) - {"seed"})
     if unknown:
         raise ConfigError(
             f"{source}: unknown top-level key(s) {unknown}; a config has seed and the sections "
-            f"{', '.join(SECTIONS)}"
+            f"{', '.join(SECTIONS)} (and optionally {', '.join(OPTIONAL_SECTIONS)})"
         )
     if "seed" not in config:
         raise ConfigError(f"{source}: missing key seed")
     seed = int(config.seed)
     s = {name: _Section(config, name, source) for name in SECTIONS}
     t, d, m, o, e, smp = (s[name] for name in SECTIONS)
+    if "deq" in config:
+        s["deq"] = _Section(config, "deq", source)
 
     sde = _build_sde(t["sde"], m)
     model = _build_model(m)
@@ -335,12 +374,27 @@ def from_config(
         offset=bool(e["offset"]),
         estimator="dsm" if e["dsm"] else "ssm",
         seed=seed,
+        dequantization=e["dequantization"] if ds.is_image else "uniform",
+        num_dequant_samples=int(e["num_dequant_samples"]) if ds.is_image else 1,
     )
+    if not ds.is_image:
+        e.ignore("dequantization", "continuous data")
+        e.ignore("num_dequant_samples", "continuous data")
+    if "deq" in s:
+        dequantizer, deq_settings = _build_dequantizer(s["deq"], ds)
+    else:
+        dequantizer, deq_settings = None, DequantizerSettings()
+    if bpd_settings.dequantization == "variational" and dequantizer is None:
+        raise ConfigError(
+            f"{source}: eval.dequantization='variational' needs a `deq` section (the Flow++ "
+            "dequantizer; see configs/default_cifar10.py)"
+        )
     evaluation = _typed(
         EvalSettings,
         source,
         bpd=bpd_settings,
         ckpt_step=int(e["ckpt_step"]),
+        deq_ckpt_step=int(e["deq_ckpt_step"]),
         use_ema=bool(e["use_ema"]),
         enable_bpd=bool(e["enable_bpd"]),
         enable_sampling=bool(e["enable_sampling"]),
@@ -364,4 +418,6 @@ def from_config(
         sampling=sampling,
         source=source,
         ignored=ignored,
+        dequantizer=dequantizer,
+        deq=deq_settings,
     )

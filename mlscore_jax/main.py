@@ -3,6 +3,10 @@
     python -m mlscore_jax.main --config configs/vp/cifar10_ddpmpp_continuous.py \\
         --workdir runs/cifar10_vp --mode train [--config.training.batch_size=256 ...]
 
+Modes: `train` (the score model), `train_deq` (then the Flow++ dequantizer against it, in
+WORKDIR/dequantizer), `eval` (bits/dim with `--config.eval.dequantization=uniform|variational|
+truncated_normal`, samples).
+
 Multi-host: pass --coordinator_address, --num_processes and --process_id (or set
 JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID; on TPU pods and SLURM nothing is
 needed). Every process runs the same command.
@@ -28,7 +32,13 @@ from mlscore_jax import checkpoint, datasets, experiment, logs, parallel
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Configuration file.", lock_config=True)
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and results (stable).")
-flags.DEFINE_enum("mode", "train", ["train", "eval"], "What to run.")
+flags.DEFINE_enum(
+    "mode",
+    "train",
+    ["train", "train_deq", "eval"],
+    "train: the score model; train_deq: the variational dequantizer against the trained score "
+    "model (in WORKDIR/dequantizer); eval: bits/dim and samples.",
+)
 flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (multi-host).")
 flags.DEFINE_integer("num_processes", None, "Number of processes (multi-host).")
 flags.DEFINE_integer("process_id", None, "Index of this process (multi-host).")
@@ -68,6 +78,10 @@ def run(config_file: str) -> None:
         from mlscore_jax import train
 
         train.train_and_evaluate(exp, FLAGS.workdir, progress=FLAGS.progress)
+    elif FLAGS.mode == "train_deq":
+        from mlscore_jax import train_deq
+
+        train_deq.train_dequantizer(exp, FLAGS.workdir, progress=FLAGS.progress)
     else:
         from mlscore_jax import evaluate
 

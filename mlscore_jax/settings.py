@@ -70,6 +70,9 @@ class OptimizerSettings:
             )
 
 
+DEQUANTIZATIONS = ("uniform", "variational", "truncated_normal")
+
+
 @dataclasses.dataclass(frozen=True)
 class BpdSettings:
     """What a bits/dim evaluation computes; results are only combined for equal settings.
@@ -93,6 +96,13 @@ class BpdSettings:
     offset: bool = True
     estimator: str = "dsm"  # config.eval.dsm: 'dsm' if True else 'ssm'
     seed: int = 0  # config.seed
+    # how the integer images become continuous points (`dequantizers.py`): 'uniform' (u ~ U[0,1)),
+    # 'variational' (the trained Flow++ q(u | x), `--mode train_deq`), 'truncated_normal'
+    # (training-free, i-DODE); continuous data ignore it
+    dequantization: str = "uniform"
+    # K: dequantization samples per image and repeat; K > 1 gives the importance-weighted
+    # estimate -log (1/K sum_k p(y_k) / q(u_k | x)) next to the mean of the K single-sample ones
+    num_dequant_samples: int = 1
 
     def __post_init__(self) -> None:
         if self.split not in ("test", "train"):
@@ -101,6 +111,14 @@ class BpdSettings:
             raise ValueError("eval.num_repeats must be >= 1")
         if self.batch_size < 1:
             raise ValueError(f"eval.batch_size must be >= 1, got {self.batch_size}")
+        if self.dequantization not in DEQUANTIZATIONS:
+            raise ValueError(
+                f"eval.dequantization must be one of {DEQUANTIZATIONS}, got {self.dequantization!r}"
+            )
+        if self.num_dequant_samples < 1:
+            raise ValueError(
+                f"eval.num_dequant_samples must be >= 1, got {self.num_dequant_samples}"
+            )
 
     def digest(self) -> str:
         text = json.dumps(dataclasses.asdict(self), sort_keys=True)
@@ -113,6 +131,7 @@ class EvalSettings:
 
     bpd: BpdSettings = BpdSettings()
     ckpt_step: int = -1  # -1: the newest checkpoint of either kind
+    deq_ckpt_step: int = -1  # the dequantizer's checkpoint (eval.dequantization='variational')
     use_ema: bool = True
     enable_bpd: bool = True
     enable_sampling: bool = False
@@ -145,3 +164,22 @@ class SamplingSettings:
     def __post_init__(self) -> None:
         if self.method not in ("ode", "pc"):
             raise ValueError(f"unknown sampling.method {self.method!r}; choose 'ode' or 'pc'")
+
+
+@dataclasses.dataclass(frozen=True)
+class DequantizerSettings:
+    """Training of the variational dequantizer (`config.deq.*`, `--mode train_deq`).
+
+    The loop is the score model's (`train.run_loop`), with `training.*` for batch size,
+    checkpoint and log frequencies, `optim.*` for Adam; these replace what differs.
+    """
+
+    n_iters: int = 300_001
+    ema_rate: float = 0.99
+    offset: bool = True  # the [0, eps] decoder term in the bound the dequantizer minimises
+
+    def __post_init__(self) -> None:
+        if self.n_iters < 0:
+            raise ValueError(f"deq.n_iters must be >= 0, got {self.n_iters}")
+        if not 0.0 <= self.ema_rate < 1.0:
+            raise ValueError(f"deq.ema_rate must be in [0, 1), got {self.ema_rate}")

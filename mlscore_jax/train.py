@@ -21,10 +21,12 @@ of the scanned function counts a rolled loop's body once, not `n_jitted_steps` t
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import os
 import time
+from collections.abc import Callable
 from typing import Any
 
 import flax
@@ -33,8 +35,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from mlscore_jax import batches, checkpoint, experiment, losses, parallel
-from mlscore_jax.settings import OptimizerSettings
+from mlscore_jax import batches, checkpoint, datasets, experiment, losses, parallel
+from mlscore_jax.settings import OptimizerSettings, TrainSettings
 
 Array = jax.Array
 logger = logging.getLogger(__name__)
@@ -140,20 +142,35 @@ def abstract_state(exp: experiment.Experiment, tx: optax.GradientTransformation,
     )
 
 
+# (params, frozen, integer batch [B, ...], key, train) -> mean loss of the batch (a scalar).
+# `frozen` is whatever else the loss reads and does not train (the score model's parameters when
+# the dequantizer trains; None for the score model), passed as an argument, not a constant.
+LossFn = Callable[[Any, Any, Array, Array, bool], Array]
+
+
+def score_loss(exp: experiment.Experiment) -> LossFn:
+    """The score model's training loss (`batch_loss`) in the loop's signature."""
+
+    def loss(params: Any, frozen: Any, batch: Array, key: Array, train: bool) -> Array:
+        del frozen
+        return batch_loss(exp, params, batch, key, train=train)
+
+    return loss
+
+
 def train_step(
     state: TrainState,
     batch: Array,
+    frozen: Any = None,
     *,
-    exp: experiment.Experiment,
+    loss_fn: LossFn,
     tx: optax.GradientTransformation,
     schedule: optax.Schedule,
     ema_rate: float,
 ) -> tuple[TrainState, dict[str, Array]]:
     """One optimisation step on the global batch [B, ...]; pure."""
     key = jax.random.fold_in(state.key, state.step)
-    loss, grads = jax.value_and_grad(lambda p: batch_loss(exp, p, batch, key, train=True))(
-        state.params
-    )
+    loss, grads = jax.value_and_grad(lambda p: loss_fn(p, frozen, batch, key, True))(state.params)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     ema = jax.tree.map(lambda e, p: ema_rate * e + (1.0 - ema_rate) * p, state.ema_params, params)
@@ -165,7 +182,7 @@ def train_step(
 
 
 def train_steps(
-    state: TrainState, batches: Array, *, unroll: bool = False, **kwargs
+    state: TrainState, batches: Array, frozen: Any = None, *, unroll: bool = False, **kwargs
 ) -> tuple[TrainState, dict]:
     """`batches.shape[0]` steps fused with lax.scan; metrics are stacked [n].
 
@@ -176,16 +193,21 @@ def train_steps(
     compiles faster (`experiments/bench_train_loop.py`; its numbers are in
     experiments/README.md).
     """
-    return jax.lax.scan(lambda s, b: train_step(s, b, **kwargs), state, batches, unroll=unroll)
+    return jax.lax.scan(
+        lambda s, b: train_step(s, b, frozen, **kwargs), state, batches, unroll=unroll
+    )
 
 
 def step_flops(
-    exp: experiment.Experiment,
+    loss_fn: LossFn,
     tx: optax.GradientTransformation,
     schedule: optax.Schedule,
     state: Any,
     batch_shape: tuple[int, ...],
     batch_dtype: Any,
+    frozen: Any = None,
+    *,
+    ema_rate: float = 0.999,
 ) -> float | None:
     """FLOPs of ONE training step on a global batch, by XLA's cost analysis (None if unknown).
 
@@ -194,13 +216,13 @@ def step_flops(
     body of its rolled `lax.scan` once, not `n_jitted_steps` times. Tracing only, no compile.
     """
 
-    def one(s: TrainState, b: Array) -> Any:
-        return train_step(s, b, exp=exp, tx=tx, schedule=schedule, ema_rate=exp.train.ema_rate)
+    def one(s: TrainState, b: Array, f: Any) -> Any:
+        return train_step(s, b, f, loss_fn=loss_fn, tx=tx, schedule=schedule, ema_rate=ema_rate)
 
-    abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), state)
+    abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), (state, frozen))
     batch = jax.ShapeDtypeStruct(batch_shape, batch_dtype)
     try:
-        cost = jax.jit(one).lower(abstract, batch).cost_analysis()
+        cost = jax.jit(one).lower(abstract[0], batch, abstract[1]).cost_analysis()
     except Exception:  # noqa: BLE001 (backends without cost analysis)
         return None
     if isinstance(cost, list | tuple):
@@ -253,93 +275,145 @@ class _Logger:
                 thing.close()
 
 
-def train_and_evaluate(
-    exp: experiment.Experiment, workdir: str, *, progress: bool = True
-) -> TrainState:
-    """Train `exp` in `workdir`, resuming from its newest complete checkpoint if there is one.
+@dataclasses.dataclass(frozen=True)
+class Loop:
+    """What `run_loop` trains: the score model (`train_and_evaluate`) and the dequantizer
+    (`train_deq.train_dequantizer`) share the loop, its checkpoints and its pre-emption safety.
 
-    Args:
-      exp: the experiment (`experiment.from_config(config)`); its `train` and `optim` settings
-        drive the loop.
-      workdir: stable directory for checkpoints and logs; the same directory resumes.
-      progress: show a progress bar on process 0.
+    Attributes:
+      name: what is trained, for log lines ('score model', 'dequantizer').
+      train: batch size, step count, checkpoint and log frequencies, EMA rate, seed.
+      optim: the optimizer.
+      dataset: train batches come from `dataset.train`, the EMA eval loss from `dataset.test`.
+      init: (key, first global batch) -> fresh TrainState (the batch serves data-dependent
+        initialisation; the score model ignores it).
+      loss: the training loss (`LossFn`).
+      to_bpd: turns a logged loss into bits/dim for the log (None: not a likelihood).
+      describe: extra words for the start line (data set, config file).
+      notes: lines for the log file only (e.g. the config keys ignored by name).
+    """
 
-    Returns:
-      The final train state (replicated over the mesh).
+    name: str
+    train: TrainSettings
+    optim: OptimizerSettings
+    dataset: datasets.Dataset
+    init: Callable[[Array, Array], TrainState]
+    loss: LossFn
+    to_bpd: Callable[[float], float] | None = None
+    describe: str = ""
+    notes: tuple[str, ...] = ()
+
+
+def _host_batches(loop: Loop, first_step: int, mesh) -> Array:
+    """The global batches of steps first_step .. first_step + n_jitted_steps - 1, sharded."""
+    t = loop.train
+    local = batches.train_batches(
+        loop.dataset.train,
+        seed=t.seed,
+        first_step=first_step,
+        num_steps=t.n_jitted_steps,
+        global_batch_size=t.batch_size,
+        process_index=jax.process_index(),
+        process_count=jax.process_count(),
+    )
+    return parallel.shard_batch(local, mesh, batch_axis=1)
+
+
+def run_loop(loop: Loop, workdir: str, *, frozen: Any = None, progress: bool = True) -> TrainState:
+    """Train `loop` in `workdir`, resuming from its newest complete checkpoint if there is one.
+
+    The batch of step k is a pure function of (seed, k, process) and the randomness of step k
+    is fold_in(state.key, k), so a resumed run continues bit for bit. `frozen` (replicated) is
+    passed to the loss unchanged (the score model's parameters for the dequantizer).
 
     Raises:
       NonFiniteError: a non-finite loss or gradient norm, naming the step.
     """
     os.makedirs(workdir, exist_ok=True)
-    t = exp.train
+    t = loop.train
     n_jit = t.n_jitted_steps
     mesh = parallel.make_mesh()
     local_batch = parallel.per_process_batch_size(t.batch_size, mesh)
-    tx, schedule = make_optimizer(exp.optim)
     replicated = parallel.replicated(mesh)
+    frozen = jax.device_put(frozen, replicated)
 
+    # the data-dependent init sees the first global batch (steps 0's), sharded like training's
     init = jax.jit(
-        lambda key: init_state(exp, tx, key), out_shardings=replicated
+        loop.init,
+        in_shardings=(replicated, parallel.data_sharding(mesh)),
+        out_shardings=replicated,
     )  # sharded from creation
     root_key = jax.random.key(t.seed)
-    abstract = abstract_state(exp, tx, mesh)
+    first = jax.ShapeDtypeStruct(
+        (t.batch_size, *loop.dataset.example_shape), loop.dataset.train.dtype
+    )
+    abstract = jax.eval_shape(loop.init, root_key, first)
+    abstract = jax.tree.map(
+        lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=replicated), abstract
+    )
 
     ckpt = checkpoint.Checkpointer(
         workdir, snapshot_freq=t.snapshot_freq, preemption_freq=t.snapshot_freq_for_preemption
     )
     restored = ckpt.restore_latest(abstract)
     if restored is None:
-        state, step = init(root_key), 0
+        first_batch = batches.train_batch(
+            loop.dataset.train,
+            seed=t.seed,
+            step=0,
+            global_batch_size=t.batch_size,
+            process_index=jax.process_index(),
+            process_count=jax.process_count(),
+        )
+        state, step = init(root_key, parallel.shard_batch(first_batch, mesh)), 0
     else:
         state, step = restored
     if step % n_jit:
         raise ValueError(f"checkpoint step {step} is not a multiple of n_jitted_steps={n_jit}")
 
+    tx, schedule = make_optimizer(loop.optim)
     step_fn = jax.jit(
-        lambda s, b: train_steps(s, b, exp=exp, tx=tx, schedule=schedule, ema_rate=t.ema_rate),
-        in_shardings=(replicated, parallel.data_sharding(mesh, batch_axis=1)),
+        lambda s, b, f: train_steps(
+            s, b, f, loss_fn=loop.loss, tx=tx, schedule=schedule, ema_rate=t.ema_rate
+        ),
+        in_shardings=(replicated, parallel.data_sharding(mesh, batch_axis=1), replicated),
         out_shardings=(replicated, replicated),
         donate_argnums=0,
     )
     eval_fn = jax.jit(
-        lambda p, b, k: batch_loss(exp, p, b, k, train=False),
-        in_shardings=(replicated, parallel.data_sharding(mesh), replicated),
+        lambda p, f, b, k: loop.loss(p, f, b, k, False),
+        in_shardings=(replicated, replicated, parallel.data_sharding(mesh), replicated),
         out_shardings=replicated,
     )
-
-    def host_batches(first_step: int) -> Any:
-        local = batches.train_batches(
-            exp.dataset.train,
-            seed=t.seed,
-            first_step=first_step,
-            num_steps=n_jit,
-            global_batch_size=t.batch_size,
-            process_index=jax.process_index(),
-            process_count=jax.process_count(),
-        )
-        return parallel.shard_batch(local, mesh, batch_axis=1)
 
     total = int(math.ceil(t.n_iters / n_jit) * n_jit)
     log = _Logger(workdir, total, step, progress)
     log.line(
-        f"start step={step} total={total} devices={jax.device_count()} "
+        f"start {loop.name} step={step} total={total} devices={jax.device_count()} "
         f"processes={jax.process_count()} global_batch={t.batch_size} local_batch={local_batch} "
-        f"data={exp.dataset!r} config={exp.source}"
+        + loop.describe
     )
-    if exp.ignored:
-        log.line("config keys ignored by name: " + "; ".join(exp.ignored), level=logging.DEBUG)
+    for note in loop.notes:
+        log.line(note, level=logging.DEBUG)
     compiled = None
     flops = step_flops(
-        exp, tx, schedule, state, (t.batch_size, *exp.example_shape), exp.dataset.train.dtype
+        loop.loss,
+        tx,
+        schedule,
+        state,
+        (t.batch_size, *loop.dataset.example_shape),
+        loop.dataset.train.dtype,
+        frozen,
+        ema_rate=t.ema_rate,
     )
     last_time, last_step = time.perf_counter(), step
     try:
         with checkpoint.PreemptionGuard() as guard:
             while step < total:
-                host = host_batches(step)
+                host = _host_batches(loop, step, mesh)
                 if compiled is None:
-                    compiled = step_fn.lower(state, host).compile()
-                state, metrics = compiled(state, host)
+                    compiled = step_fn.lower(state, host, frozen).compile()
+                state, metrics = compiled(state, host, frozen)
                 metrics = jax.device_get(metrics)
                 finite = np.isfinite(metrics["loss"]) & np.isfinite(metrics["grad_norm"])
                 if not finite.all():
@@ -361,6 +435,8 @@ def train_and_evaluate(
                         "lr": float(metrics["lr"][-1]),
                         "images_per_s": images_per_s,
                     }
+                    if loop.to_bpd is not None:
+                        values["bpd"] = loop.to_bpd(float(np.mean(metrics["loss"])))
                     if flops is not None:
                         values["flops_per_s"] = flops * (step - last_step) / dt
                     log.scalars(step, values)
@@ -370,9 +446,9 @@ def train_and_evaluate(
                     )
                     log.progress(step - last_step, values["loss"], images_per_s)
                     last_time, last_step = now, step
-                if step % t.eval_freq == 0 and exp.dataset.test.shape[0] >= t.batch_size:
+                if step % t.eval_freq == 0 and loop.dataset.test.shape[0] >= t.batch_size:
                     test = batches.train_batch(
-                        exp.dataset.test,
+                        loop.dataset.test,
                         seed=t.seed + 1,
                         step=step // t.eval_freq,
                         global_batch_size=t.batch_size,
@@ -381,16 +457,51 @@ def train_and_evaluate(
                     )
                     eval_key = jax.random.fold_in(jax.random.key(t.seed + 1), step)
                     eval_loss = float(
-                        eval_fn(state.ema_params, parallel.shard_batch(test, mesh), eval_key)
+                        eval_fn(
+                            state.ema_params, frozen, parallel.shard_batch(test, mesh), eval_key
+                        )
                     )
                     log.scalars(step, {"eval_loss_ema": eval_loss})
+                    if loop.to_bpd is not None:
+                        log.scalars(step, {"eval_bpd_ema": loop.to_bpd(eval_loss)})
                 ckpt.maybe_save(step, state)
                 if guard.requested_by_any_process():
                     log.line(f"pre-emption requested: saving step {step} and stopping")
                     break
         ckpt.maybe_save(step, state, force=True)
-        log.line(f"stop step={step}")
+        log.line(f"stop {loop.name} step={step}")
     finally:
         ckpt.close()
         log.close()
     return state
+
+
+def train_and_evaluate(
+    exp: experiment.Experiment, workdir: str, *, progress: bool = True
+) -> TrainState:
+    """Train the score model of `exp` in `workdir`, resuming from its newest complete checkpoint.
+
+    Args:
+      exp: the experiment (`experiment.from_config(config)`); its `train` and `optim` settings
+        drive the loop.
+      workdir: stable directory for checkpoints and logs; the same directory resumes.
+      progress: show a progress bar on process 0.
+
+    Returns:
+      The final train state (replicated over the mesh).
+
+    Raises:
+      NonFiniteError: a non-finite loss or gradient norm, naming the step.
+    """
+    tx, _ = make_optimizer(exp.optim)
+    loop = Loop(
+        name="score model",
+        train=exp.train,
+        optim=exp.optim,
+        dataset=exp.dataset,
+        init=lambda key, batch: init_state(exp, tx, key),
+        loss=score_loss(exp),
+        describe=f"data={exp.dataset!r} config={exp.source}",
+        notes=("config keys ignored by name: " + "; ".join(exp.ignored),) if exp.ignored else (),
+    )
+    return run_loop(loop, workdir, progress=progress)

@@ -263,7 +263,10 @@ def test_eval_mode_end_to_end_on_digits(trained, tmp_path):
     assert np.isfinite(per["ode"]).all() and np.isfinite(per["bound"]).all()
     assert m["ode"]["mean"] > 2.0 and m["bound"]["mean"] > 2.0
     table = (workdir / "results.md").read_text().splitlines()
-    assert len(table) == 2 + 2 and "| digits | test | 20 | 300 x 2 | bits/dim |" in table[2]
+    assert (
+        len(table) == 2 + 2
+        and "| digits | test | 20 | 300 x 2 | uniform (1) | bits/dim |" in table[2]
+    )
     with Image.open(workdir / "eval" / "samples_step20.png") as png:
         assert png.size == (3 * 34 + 2, 3 * 34 + 2)
     samples = np.load(workdir / "eval" / "samples_step20.npz")

@@ -299,13 +299,21 @@ def test_logged_flops_count_every_step_of_the_scan():
     exp = _exp("--config.training.n_jitted_steps=5")
     tx, schedule = train.make_optimizer(exp.optim)
     state = jax.eval_shape(lambda k: train.init_state(exp, tx, k), jax.random.key(0))
-    per_step = train.step_flops(exp, tx, schedule, state, (16, 8, 8, 1), np.uint8)
+    per_step = train.step_flops(
+        train.score_loss(exp), tx, schedule, state, (16, 8, 8, 1), np.uint8, ema_rate=0.9
+    )
     stacked = jax.ShapeDtypeStruct((5, 16, 8, 8, 1), np.uint8)
 
     def run(unroll):
         fn = jax.jit(
             lambda s, b: train.train_steps(
-                s, b, unroll=unroll, exp=exp, tx=tx, schedule=schedule, ema_rate=0.9
+                s,
+                b,
+                unroll=unroll,
+                loss_fn=train.score_loss(exp),
+                tx=tx,
+                schedule=schedule,
+                ema_rate=0.9,
             )
         )
         return fn.lower(state, stacked).cost_analysis()["flops"]

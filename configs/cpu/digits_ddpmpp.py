@@ -53,5 +53,13 @@ def get_config() -> ml_collections.ConfigDict:
     evaluate.num_repeats = 2
     evaluate.num_t = 200
     evaluate.num_samples = 64
+    # A small Flow++ dequantizer (the CIFAR-10 variant's structure): --mode train_deq
+    deq = config.deq
+    deq.filters = 32
+    deq.components = 8
+    deq.blocks = 1
+    deq.heads = 2
+    deq.context_channels = 16
+    deq.n_iters = 1000
     config.seed = 0
     return config
