@@ -244,12 +244,6 @@ def mixlogistic_cdf(x: Array, logits: Array, means: Array, logscales: Array) -> 
     return jnp.exp(_mix_log_cdfs(x, *_mix_prep(logits, means, logscales))[0])
 
 
-def mixlogistic_logit_cdf(x: Array, logits: Array, means: Array, logscales: Array) -> Array:
-    """logit F(x) = log F(x) - log(1 - F(x)), accurate also where F rounds to 0 or 1: [...]."""
-    log_f, log_1mf = _mix_log_cdfs(x, *_mix_prep(logits, means, logscales))
-    return log_f - log_1mf
-
-
 def mixlogistic_logpdf(x: Array, logits: Array, means: Array, logscales: Array) -> Array:
     """log F'(x) = log sum_k pi_k p_k(x), log p_k = z_k - l_k - 2 softplus(z_k): [...]."""
     logscales = jnp.maximum(logscales, _MIN_LOGSCALE)
