@@ -14,7 +14,7 @@ markdown table (also written to `<workdir>/dequantization.md`):
   differences / sqrt(N)).
 
     .venv/bin/python experiments/dequantization.py --config configs/cpu/digits_ddpmpp.py \\
-        --workdir runs/digits_deq [--k 8] [--repeats 1] [--num_images N]
+        --workdir runs/digits_deq [--k 8] [--repeats 1] [--num_images N] [--set KEY=VALUE]
 
 Results go to `<workdir>/eval/<the evaluation's directory>_first<N>/`, resumable.
 """
@@ -22,6 +22,7 @@ Results go to `<workdir>/eval/<the evaluation's directory>_first<N>/`, resumable
 from __future__ import annotations
 
 import argparse
+import ast
 import dataclasses
 import importlib.util
 import math
@@ -74,10 +75,25 @@ def main() -> None:
     parser.add_argument("--k", type=int, default=8, help="dequantization draws per image")
     parser.add_argument("--repeats", type=int, default=1, help="repeats of the test split")
     parser.add_argument("--num_images", type=int, default=None, help="first N test images")
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config key, e.g. --set data.uniform_dequantization=False",
+    )
     args = parser.parse_args()
     logs.setup(str(Path(args.workdir) / "log.txt"), verbose=False)
 
-    exp = experiment.from_config(load_config(args.config), source=args.config)
+    config = load_config(args.config)
+    for item in args.set:
+        key, value = item.split("=", 1)
+        *sections, leaf = key.split(".")
+        node = config
+        for name in sections:
+            node = node[name]
+        node[leaf] = ast.literal_eval(value)
+    exp = experiment.from_config(config, source=args.config)
     start = time.perf_counter()
     train.train_and_evaluate(exp, args.workdir)  # resumes; nothing to do when complete
     train_deq.train_dequantizer(exp, args.workdir)
@@ -149,7 +165,9 @@ def main() -> None:
         f"Command: `{' '.join([Path(sys.executable).name, *sys.argv])}`",
         f"Commit {commit}; {platform.processor() or platform.machine()}, "
         f"{jax.device_count()} {jax.default_backend()} device(s); jax {jax.__version__}.",
-        f"Score model: step {m['step']} of `{args.config}` (EMA); test split, "
+        f"Score model: step {m['step']} of `{args.config}`"
+        + "".join(f" `{item}`" for item in args.set)
+        + " (EMA); test split, "
         f"{m['num_images']} images x {args.repeats} repeat(s), {k} dequantization draws each; "
         f"ODE {exp.eval.bpd.solver} rtol = atol = {exp.eval.bpd.rtol:g}, bound "
         f"{exp.eval.bpd.num_t} time draws; eps = {exp.eval.bpd.eps:g}. bits/dim, "
