@@ -35,7 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from mlscore_jax import batches, checkpoint, datasets, experiment, losses, parallel
+from mlscore_jax import batches, checkpoint, datasets, experiment, losses, models, parallel
 from mlscore_jax.settings import OptimizerSettings, TrainSettings
 
 Array = jax.Array
@@ -196,6 +196,67 @@ def train_steps(
     return jax.lax.scan(
         lambda s, b: train_step(s, b, frozen, **kwargs), state, batches, unroll=unroll
     )
+
+
+def _restore_target(exp: experiment.Experiment, mesh: jax.sharding.Mesh, use_ema: bool) -> dict:
+    """The fields evaluation reads from a train state: the step and one parameter tree."""
+    replicated = parallel.replicated(mesh)
+    params = models.abstract_variables(exp.model, (1, *exp.example_shape))["params"]
+    params = jax.tree.map(
+        lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=replicated), params
+    )
+    return {
+        "step": jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated),
+        "ema_params" if use_ema else "params": params,
+    }
+
+
+def restore_params(
+    exp: experiment.Experiment,
+    workdir: str,
+    mesh: jax.sharding.Mesh,
+    *,
+    step: int | None = None,
+    use_ema: bool | None = None,
+) -> tuple[Any, int]:
+    """(parameters, step) of a checkpoint of `workdir`, reading nothing else.
+
+    Only the step and the EMA (or raw) parameters are read: the optimizer state is not, so
+    evaluation does not depend on the optimizer settings of the run that trained the model.
+
+    Args:
+      exp: the experiment (its network gives the parameter shapes).
+      workdir: the training run's directory.
+      mesh: parameters are replicated over it.
+      step: which checkpoint; default `exp.eval.ckpt_step` (-1: the newest of either kind).
+      use_ema: EMA parameters (default `exp.eval.use_ema`) or the raw ones.
+
+    Raises:
+      FileNotFoundError: no checkpoint (of that step) in workdir.
+    """
+    step = exp.eval.ckpt_step if step is None else step
+    use_ema = exp.eval.use_ema if use_ema is None else use_ema
+    target = _restore_target(exp, mesh, use_ema)
+    name = "ema_params" if use_ema else "params"
+    ckpt = checkpoint.Checkpointer(workdir, read_only=True)
+    try:
+        if step < 0:
+            restored = ckpt.restore_latest(target, fields=True)
+            if restored is None:
+                raise FileNotFoundError(
+                    f"no checkpoint in {workdir}: train first (make train CONFIG=... "
+                    f"WORKDIR={workdir})"
+                )
+            return restored[0][name], restored[1]
+        for kind in ("snapshot", "preemption"):
+            if step in ckpt.steps(kind):
+                return ckpt.restore(step, target, kind=kind, fields=True)[name], step
+        raise FileNotFoundError(
+            f"no checkpoint of step {step} in {workdir}; snapshots: {ckpt.snapshot_steps()}, "
+            f"pre-emption: {ckpt.steps('preemption')}"
+        )
+    finally:
+        ckpt.close()
 
 
 def step_flops(

@@ -168,9 +168,7 @@ def train_dequantizer(
     """
     _require_dequantizer(exp)
     mesh = parallel.make_mesh()
-    from mlscore_jax import evaluate  # restore_params: the score model's EMA parameters
-
-    score_params, score_step = evaluate.restore_params(exp, workdir, mesh)
+    score_params, score_step = train.restore_params(exp, workdir, mesh)
     directory = dequantizer_dir(workdir)
     diff = _differences(exp, directory)
     if diff:
