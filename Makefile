@@ -9,7 +9,7 @@ ARGS    ?=
 MAIN    := $(PY) -m mlscore_jax.main
 STAMP  := $(VENV)/.installed
 
-.PHONY: install test lint format clean train train-deq eval demo bench \
+.PHONY: install install-torch test lint format clean train train-deq eval demo bench \
 	train-digits train-digits-mlp train-mnist train-toy2d \
 	train-vp-cifar10 train-vp-cifar10-deep train-subvp-cifar10 train-subvp-cifar10-deep \
 	train-vp-imagenet32 train-vp-imagenet32-deep train-subvp-imagenet32 train-subvp-imagenet32-deep
@@ -22,7 +22,19 @@ $(STAMP): setup.cfg pyproject.toml
 	$(PY) -m pip install -e '.[dev]'
 	touch $(STAMP)
 
-test: install
+# The tests also read the official PyTorch checkpoint fixture, so they need the torch extra.
+# TORCH pins the release to install with it: 2.13.0 is the one whose CPU build (190 MB) lies on
+# this project's machines; elsewhere pip fetches it from PyPI (add the CPU index for a small one).
+TORCH ?= torch==2.13.0
+TORCH_STAMP := $(VENV)/.installed-torch
+
+install-torch: $(TORCH_STAMP)
+
+$(TORCH_STAMP): $(STAMP)
+	$(PY) -m pip install -e '.[dev,torch]' '$(TORCH)'
+	touch $(TORCH_STAMP)
+
+test: install install-torch
 	$(PY) -m pytest -q tests
 
 lint: install

@@ -348,6 +348,21 @@ class Checkpointer:
             kind = "preemption"
         else:
             return False
+        return self.save(step, state, kind=kind)
+
+    def save(self, step: int, state: Any, *, kind: Kind = "snapshot") -> bool:
+        """Saves ``state`` as the checkpoint of ``kind`` at ``step``, whatever the schedule
+        (e.g. a converted checkpoint at its source step). ``maybe_save`` decides when to call it.
+
+        Returns:
+          Whether a checkpoint was written (False: one of that kind and step exists already).
+
+        Raises:
+          NonFiniteStateError: a floating leaf holds NaN or infinity; nothing is written.
+        """
+        if self.read_only:
+            raise CheckpointError(f"Checkpointer for {self.workdir} is read-only")
+        step = int(step)
         manager = self._manager(kind)
         assert manager is not None  # writable checkpointers always have managers
         if step in manager.all_steps():
