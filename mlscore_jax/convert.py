@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import functools
 import glob
 import hashlib
 import json
@@ -300,26 +301,11 @@ def _first_mismatch(
 def experiment_for(
     config: ml_collections.ConfigDict | experiment.Experiment, source: str = "<config>"
 ) -> experiment.Experiment:
-    """The Experiment of `config`; converting needs the networks and the image shape, not the
-    data: a data set that is not prepared here (TFDS CIFAR-10 on a machine without it) is stood
-    in for by an empty one of the config's name, shape and levels (256 for TFDS, data.levels for
-    npz), and a note says so."""
+    """The Experiment of `config`. Converting needs the networks and the image shape, not the
+    data: a data set that is not prepared here stands in empty (`require_data=False`)."""
     if isinstance(config, experiment.Experiment):
         return config
-    from mlscore_jax import datasets
-
-    try:
-        return experiment.from_config(config, source=source)
-    except (datasets.DatasetNotPreparedError, FileNotFoundError) as e:
-        data = config.data
-        levels = int(data.levels) if data.dataset == "npz" else 256
-        shape = (0, data.image_size, data.image_size, data.num_channels)
-        empty = np.zeros(shape, np.uint8)
-        logger.info("data set not at hand (%s); converting without it", str(e).splitlines()[0])
-        stand_in = datasets.Dataset(
-            name=data.dataset, train=empty, test=empty, levels=levels, description="not loaded"
-        )
-        return experiment.from_config(config, source=source, dataset=stand_in)
+    return experiment.from_config(config, source=source, require_data=False)
 
 
 def _network_shapes(exp: experiment.Experiment) -> dict[tuple[str, ...], tuple[int, ...]]:
@@ -342,38 +328,44 @@ def _describe_score(shapes: Mapping[tuple[str, ...], tuple[int, ...]]) -> str:
 
 def _suggest_configs(shapes: Mapping[tuple[str, ...], tuple[int, ...]]) -> list[str]:
     """Paper configs whose network has exactly these paths and shapes."""
+    conv0 = tuple(shapes.get(("Conv_0", "kernel"), ()))
+    return [
+        rel
+        for rel in PAPER_CONFIGS
+        if len(conv0) == 4 and _paper_config_shapes(rel, conv0[2], conv0[3]) == dict(shapes)
+    ]
+
+
+@functools.cache
+def _paper_config_shapes(
+    rel: str, channels: int, nf: int
+) -> dict[tuple[str, ...], tuple[int, ...]] | None:
+    """The parameter shapes of a paper config's network (None: it cannot have `channels` input
+    channels and `nf` filters, or the config cannot be read)."""
     import importlib.util
 
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    matches = []
-    for rel in PAPER_CONFIGS:
-        path = os.path.join(root, rel)
-        if not os.path.exists(path):
-            continue
+    path = os.path.join(root, rel)
+    if not os.path.exists(path):
+        return None
+    try:
+        spec = importlib.util.spec_from_file_location("_paper_config", path)
+        module = importlib.util.module_from_spec(spec)
+        sys.path.insert(0, root)
         try:
-            spec = importlib.util.spec_from_file_location("_paper_config", path)
-            module = importlib.util.module_from_spec(spec)
-            sys.path.insert(0, root)
-            try:
-                spec.loader.exec_module(module)
-            finally:
-                sys.path.remove(root)
-            cfg = module.get_config()
-            network = models.get_model(
-                "ddpmpp",
-                **{
-                    k: cfg.model[k]
-                    for k in experiment._model_fields(models.DDPMpp)
-                    if k in cfg.model
-                },
-            )
-            shape = (1, cfg.data.image_size, cfg.data.image_size, cfg.data.num_channels)
-            got = _shapes(models.abstract_variables(network, shape)["params"])
-        except Exception:  # noqa: BLE001 (a config that cannot be built suggests nothing)
-            continue
-        if got == dict(shapes):
-            matches.append(rel)
-    return matches
+            spec.loader.exec_module(module)
+        finally:
+            sys.path.remove(root)
+        cfg = module.get_config()
+        if (cfg.model.nf, cfg.data.num_channels) != (nf, channels):
+            return None  # cheap: no network to build
+        fields = experiment._model_fields(models.DDPMpp)
+        kwargs = {k: cfg.model[k] for k in fields if k in cfg.model}
+        network = models.get_model("ddpmpp", **kwargs)
+        shape = (1, cfg.data.image_size, cfg.data.image_size, cfg.data.num_channels)
+        return _shapes(models.abstract_variables(network, shape)["params"])
+    except Exception:  # noqa: BLE001 (a config that cannot be built suggests nothing)
+        return None
 
 
 def _check_tree(

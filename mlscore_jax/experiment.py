@@ -23,6 +23,7 @@ from typing import Any
 
 import flax.linen as nn
 import ml_collections
+import numpy as np
 
 from mlscore_jax import datasets, models
 from mlscore_jax.preprocessing import Preprocessing
@@ -274,6 +275,18 @@ def _build_dequantizer(
     return module, settings
 
 
+def _stand_in_dataset(data: _Section) -> datasets.Dataset:
+    """Empty splits with the config's name, image shape and levels (`require_data=False`)."""
+    name = data["dataset"]
+    levels = int(data["levels"]) if name == "npz" else 256
+    for key in _DATA_OPTIONS:
+        data.ignore(key, "the data set is not at hand")
+    empty = np.zeros((0, data["image_size"], data["image_size"], data["num_channels"]), np.uint8)
+    return datasets.Dataset(
+        name=name, train=empty, test=empty, levels=levels, description="not at hand: no images"
+    )
+
+
 def _typed(cls: type, source: str, **kwargs: Any) -> Any:
     try:
         return cls(**kwargs)
@@ -286,12 +299,17 @@ def from_config(
     *,
     source: str = "<config>",
     dataset: datasets.Dataset | None = None,
+    require_data: bool = True,
 ) -> Experiment:
     """Build the Experiment of `config`, checking every key (loads the data set unless given).
 
     Args:
       config: a ConfigDict with the sections of `SECTIONS` and `seed` (see configs/).
       source: the config file's name, for error messages.
+      require_data: with False, a data set that is not at hand (TFDS CIFAR-10 not prepared on
+        this machine, a missing npz file) is stood in for by empty splits of the config's name,
+        image shape and levels (256, or data.levels for npz), with a log line: for what needs
+        the networks and the image shape but not the data (`convert`, `nll`).
       dataset: a data set to use instead of loading `data.dataset` (tests); its shape is still
         checked against `data.image_size` / `data.num_channels`.
 
@@ -316,7 +334,13 @@ def from_config(
     sde = _build_sde(t["sde"], m)
     model = _build_model(m)
     if dataset is None:
-        ds = _load_dataset(d)
+        try:
+            ds = _load_dataset(d)
+        except (datasets.DatasetNotPreparedError, FileNotFoundError) as missing:
+            if require_data:
+                raise
+            ds = _stand_in_dataset(d)
+            logger.info("%s; going on without the data (%s)", str(missing).splitlines()[0], ds)
     else:
         ds = dataset
         for key in _DATA_OPTIONS:

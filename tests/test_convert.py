@@ -242,12 +242,16 @@ def test_command_line_converts_and_reports_errors_in_one_line(tmp_path):
     assert meta["score"]["copy"] == "ema" and meta["score"]["num_params"] == 189_347
     assert meta["score"]["sha256"].startswith("b2423ce2")  # the fixtures README's hash
     assert meta["dequantizer"]["num_params"] == 284_080
-    # Again: nothing to do. Into a workdir holding another model: refused.
-    deq = f"--dequantizer={FIXTURES / 'deq_cifar10_flax' / 'checkpoint_1'}"
-    again = _convert_cli(tmp_path / "w", f"--score={FIXTURES / 'ddpmpp_torch.pth'}", deq)
-    assert again.returncode == 0, again.stderr[-3000:]
-    other = _convert_cli(tmp_path / "w", f"--score={FIXTURES / 'ddpmpp_flax' / 'checkpoint_1'}")
-    assert other.returncode == 2 and "already holds checkpoints (steps [1])" in other.stderr
+    # Again, in process: nothing to do. Into a workdir holding another model: refused.
+    again = convert.convert(
+        _exp(), str(tmp_path / "w"), score=str(FIXTURES / "ddpmpp_torch.pth"),
+        dequantizer=str(FIXTURES / "deq_cifar10_flax" / "checkpoint_1"),
+    )  # fmt: skip
+    assert again == meta
+    with pytest.raises(convert.ConversionError, match=r"already holds checkpoints \(steps \[1\]\)"):
+        convert.convert(
+            _exp(), str(tmp_path / "w"), score=str(FIXTURES / "ddpmpp_flax" / "checkpoint_1")
+        )
 
     bad = _convert_cli(
         tmp_path / "bad", f"--score={FIXTURES / 'ddpmpp_torch.pth'}", "--config.model.nf=32"
