@@ -10,6 +10,13 @@ MAIN    := $(PY) -m mlscore_jax.main
 STAMP  := $(VENV)/.installed
 
 .PHONY: install install-torch test lint format clean train train-deq eval demo bench \
+	convert nll reproduce reproduce-scoreflow \
+	reproduce-scoresde-vp-cifar10 reproduce-scoresde-vp-cifar10-deep \
+	reproduce-scoresde-subvp-cifar10 reproduce-scoresde-subvp-cifar10-deep \
+	reproduce-scoreflow-vp-cifar10 reproduce-scoreflow-vp-cifar10-deep \
+	reproduce-scoreflow-subvp-cifar10 reproduce-scoreflow-subvp-cifar10-deep \
+	reproduce-scoreflow-vp-imagenet32 reproduce-scoreflow-vp-imagenet32-deep \
+	reproduce-scoreflow-subvp-imagenet32 reproduce-scoreflow-subvp-imagenet32-deep \
 	train-digits train-digits-mlp train-mnist train-toy2d \
 	train-vp-cifar10 train-vp-cifar10-deep train-subvp-cifar10 train-subvp-cifar10-deep \
 	train-vp-imagenet32 train-vp-imagenet32-deep train-subvp-imagenet32 train-subvp-imagenet32-deep
@@ -81,3 +88,54 @@ train-vp-imagenet32:         ; $(MAKE) train CONFIG=configs/vp/imagenet32_ddpmpp
 train-vp-imagenet32-deep:    ; $(MAKE) train CONFIG=configs/vp/imagenet32_ddpmpp_deep_continuous.py WORKDIR=runs/imagenet32_deep_vp
 train-subvp-imagenet32:      ; $(MAKE) train CONFIG=configs/subvp/imagenet32_ddpmpp_continuous.py WORKDIR=runs/imagenet32_subvp
 train-subvp-imagenet32-deep: ; $(MAKE) train CONFIG=configs/subvp/imagenet32_ddpmpp_deep_continuous.py WORKDIR=runs/imagenet32_deep_subvp
+
+# Released checkpoints (README "Released checkpoints"): convert one into WORKDIR, then evaluate.
+# make convert CONFIG=configs/vp/cifar10_ddpmpp_deep_continuous.py SCORE=.../checkpoint_19 \
+#     [DEQ=.../flowpp_dequantizer/checkpoints/checkpoint_6] WORKDIR=$(RELEASED)/...
+SCORE ?=
+DEQ   ?=
+# .pth files need torch (the torch extra): installed when SCORE ends in .pth
+convert: install
+	@test -n "$(SCORE)" || { echo "usage: make convert CONFIG=... SCORE=PATH [DEQ=PATH] WORKDIR=..."; exit 2; }
+	$(if $(filter %.pth,$(SCORE)),$(MAKE) install-torch)
+	$(PY) -m mlscore_jax.convert --config=$(CONFIG) --workdir=$(WORKDIR) --score=$(SCORE) \
+		$(if $(DEQ),--dequantizer=$(DEQ)) $(ARGS)
+
+# Per-image bits/dim of image files: make nll CONFIG=... WORKDIR=... FILES="a.png b.png"
+FILES ?=
+nll: install
+	$(PY) -m mlscore_jax.nll --config=$(CONFIG) --workdir=$(WORKDIR) $(ARGS) $(FILES)
+
+# The paper's evaluation settings: test split, ODE at rtol = atol = 1e-5 (Dopri5, the official
+# RK45 tableau), REPEATS repeats (CIFAR-10 5, ImageNet 32 1), bound with 1000 time draws.
+REPEATS ?= 5
+PAPER_EVAL = --config.eval.bpd_dataset=test --config.eval.rtol=1e-5 --config.eval.atol=1e-5 \
+	--config.eval.num_repeats=$(REPEATS)
+
+# A score_sde model (lambda = sigma^2): ODE, uniform dequantization, no bound (score SDE Table 2).
+reproduce: convert
+	$(MAIN) --config=$(CONFIG) --workdir=$(WORKDIR) --mode=eval $(PAPER_EVAL) \
+		--config.eval.bound=False --config.eval.dequantization=uniform $(ARGS)
+
+# A score_flow model: ODE and bound with uniform dequantization, then (with DEQ) variational.
+reproduce-scoreflow: convert
+	$(MAIN) --config=$(CONFIG) --workdir=$(WORKDIR) --mode=eval $(PAPER_EVAL) \
+		--config.eval.dequantization=uniform $(ARGS)
+	$(if $(DEQ),$(MAIN) --config=$(CONFIG) --workdir=$(WORKDIR) --mode=eval $(PAPER_EVAL) \
+		--config.eval.dequantization=variational $(ARGS))
+
+# One target per released model row (paper numbers: README "Released checkpoints"), each in
+# its own workdir under RELEASED.
+RELEASED ?= runs/released
+reproduce-scoresde-vp-cifar10:         ; $(MAKE) reproduce CONFIG=configs/vp/cifar10_ddpmpp_continuous.py WORKDIR=$(RELEASED)/scoresde_vp_cifar10
+reproduce-scoresde-vp-cifar10-deep:    ; $(MAKE) reproduce CONFIG=configs/vp/cifar10_ddpmpp_deep_continuous.py WORKDIR=$(RELEASED)/scoresde_vp_cifar10_deep
+reproduce-scoresde-subvp-cifar10:      ; $(MAKE) reproduce CONFIG=configs/subvp/cifar10_ddpmpp_continuous.py WORKDIR=$(RELEASED)/scoresde_subvp_cifar10
+reproduce-scoresde-subvp-cifar10-deep: ; $(MAKE) reproduce CONFIG=configs/subvp/cifar10_ddpmpp_deep_continuous.py WORKDIR=$(RELEASED)/scoresde_subvp_cifar10_deep
+reproduce-scoreflow-vp-cifar10:           ; $(MAKE) reproduce-scoreflow CONFIG=configs/vp/cifar10_ddpmpp_continuous.py WORKDIR=$(RELEASED)/scoreflow_vp_cifar10
+reproduce-scoreflow-vp-cifar10-deep:      ; $(MAKE) reproduce-scoreflow CONFIG=configs/vp/cifar10_ddpmpp_deep_continuous.py WORKDIR=$(RELEASED)/scoreflow_vp_cifar10_deep
+reproduce-scoreflow-subvp-cifar10:        ; $(MAKE) reproduce-scoreflow CONFIG=configs/subvp/cifar10_ddpmpp_continuous.py WORKDIR=$(RELEASED)/scoreflow_subvp_cifar10
+reproduce-scoreflow-subvp-cifar10-deep:   ; $(MAKE) reproduce-scoreflow CONFIG=configs/subvp/cifar10_ddpmpp_deep_continuous.py WORKDIR=$(RELEASED)/scoreflow_subvp_cifar10_deep
+reproduce-scoreflow-vp-imagenet32:        ; $(MAKE) reproduce-scoreflow REPEATS=1 CONFIG=configs/vp/imagenet32_ddpmpp_continuous.py WORKDIR=$(RELEASED)/scoreflow_vp_imagenet32
+reproduce-scoreflow-vp-imagenet32-deep:   ; $(MAKE) reproduce-scoreflow REPEATS=1 CONFIG=configs/vp/imagenet32_ddpmpp_deep_continuous.py WORKDIR=$(RELEASED)/scoreflow_vp_imagenet32_deep
+reproduce-scoreflow-subvp-imagenet32:     ; $(MAKE) reproduce-scoreflow REPEATS=1 CONFIG=configs/subvp/imagenet32_ddpmpp_continuous.py WORKDIR=$(RELEASED)/scoreflow_subvp_imagenet32
+reproduce-scoreflow-subvp-imagenet32-deep:; $(MAKE) reproduce-scoreflow REPEATS=1 CONFIG=configs/subvp/imagenet32_ddpmpp_deep_continuous.py WORKDIR=$(RELEASED)/scoreflow_subvp_imagenet32_deep

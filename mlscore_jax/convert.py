@@ -356,14 +356,10 @@ def _paper_config_shapes(
             spec.loader.exec_module(module)
         finally:
             sys.path.remove(root)
-        cfg = module.get_config()
-        if (cfg.model.nf, cfg.data.num_channels) != (nf, channels):
-            return None  # cheap: no network to build
-        fields = experiment._model_fields(models.DDPMpp)
-        kwargs = {k: cfg.model[k] for k in fields if k in cfg.model}
-        network = models.get_model("ddpmpp", **kwargs)
-        shape = (1, cfg.data.image_size, cfg.data.image_size, cfg.data.num_channels)
-        return _shapes(models.abstract_variables(network, shape)["params"])
+        network, shape = experiment.network_from_config(module.get_config(), source=rel)
+        if (getattr(network, "nf", None), shape[-1]) != (nf, channels):
+            return None  # cheap: no network to trace
+        return _shapes(models.abstract_variables(network, (1, *shape))["params"])
     except Exception:  # noqa: BLE001 (a config that cannot be built suggests nothing)
         return None
 

@@ -186,6 +186,17 @@ def _build_model(model: _Section) -> nn.Module:
         raise ConfigError(f"{model.source}: model {name!r}: {e}") from e
 
 
+def network_from_config(
+    config: ml_collections.ConfigDict, *, source: str = "<config>"
+) -> tuple[nn.Module, tuple[int, ...]]:
+    """The score network of `config.model` and the image shape (H, W, C) of `config.data`, from
+    those two sections alone: no data set is loaded and the other sections are not checked
+    (what `convert` needs to match a checkpoint against the paper configs)."""
+    model = _build_model(_Section(config, "model", source))
+    data = config.data
+    return model, (int(data.image_size), int(data.image_size), int(data.num_channels))
+
+
 def _load_dataset(data: _Section) -> datasets.Dataset:
     name = data["dataset"]
     if name not in datasets.DATASETS:

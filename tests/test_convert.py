@@ -9,6 +9,7 @@ non-EMA outputs, so taking the wrong copy fails.
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -336,3 +337,12 @@ def test_converted_workdir_fine_tunes_from_its_step(converted, tmp_path):
         _cifar_exp("eval.dequantization=variational"), str(workdir), mesh
     )
     assert deq_step == 1
+
+
+def test_every_reproduction_target_names_a_paper_config():
+    makefile = (ROOT / "Makefile").read_text()
+    rows = dict(re.findall(r"^(reproduce-score\S+?):\s*;.*CONFIG=(\S+)", makefile, flags=re.M))
+    assert len(rows) == 12
+    for name, config in rows.items():
+        assert (ROOT / config).exists(), (name, config)
+        assert f"make {name} SCORE=" in (ROOT / config).read_text(), (name, config)

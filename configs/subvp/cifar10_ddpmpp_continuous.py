@@ -16,6 +16,25 @@ weighting + importance sampling + variational dequantization, no augmentation; 2
 bound with flips). The score SDE paper reports 3.02 bits/dim (ODE, uniform dequantization)
 for this network trained with the baseline weighting. Per-row numbers of the paper's method
 are in its Table 2.
+
+Released checkpoints (README "Released checkpoints"; file names inferred from the official
+configs). The paper's model, score_flow folder `cifar10_subvp_likelihood_iw[_flip]`:
+
+    make reproduce-scoreflow-subvp-cifar10 SCORE=.../cifar10_subvp_likelihood_iw/checkpoints/checkpoint_26 \
+        DEQ=.../cifar10_subvp_likelihood_iw/flowpp_dequantizer/checkpoints/checkpoint_6
+
+which is
+
+    python -m mlscore_jax.convert --config configs/subvp/cifar10_ddpmpp_continuous.py --workdir runs/released/scoreflow_subvp_cifar10 \
+        --score .../checkpoints/checkpoint_26 --dequantizer .../flowpp_dequantizer/checkpoints/checkpoint_6
+    python -m mlscore_jax.main --config configs/subvp/cifar10_ddpmpp_continuous.py --workdir runs/released/scoreflow_subvp_cifar10 \
+        --mode eval --config.eval.num_repeats=5 --config.eval.dequantization=variational
+
+(and once more with `dequantization=uniform`). Expect the paper's Table 2 value of this row; the
+best cifar10 row gives 2.83 (ODE, variational; 2.80 with flips, bound 2.90 with flips). Estimated cost: `experiments/reproduction_cost.py`.
+The score SDE baseline (lambda = sigma^2), score_sde `subvp/cifar10_ddpmpp_continuous` (the larger
+checkpoint number, or score_sde_pytorch's `.pth`): `make reproduce-scoresde-subvp-cifar10 SCORE=...`, ODE
+with uniform dequantization, 5 repeats; expect 3.02 bits/dim.
 """
 
 import ml_collections

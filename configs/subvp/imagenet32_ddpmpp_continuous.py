@@ -16,6 +16,22 @@ Baseline row (score SDE weighting lambda = sigma^2): add
 Numbers to reach: the paper's best ImageNet 32x32 models give 3.76 bits/dim by the ODE and
 3.86 by the bound (likelihood weighting + importance sampling + variational dequantization).
 Per-row numbers are in the paper's Table 2.
+
+Released checkpoints (README "Released checkpoints"; file names inferred from the official
+configs). The paper's model, score_flow folder `imagenet32_subvp_likelihood_iw[_flip]`:
+
+    make reproduce-scoreflow-subvp-imagenet32 SCORE=.../imagenet32_subvp_likelihood_iw/checkpoints/checkpoint_26 \
+        DEQ=.../imagenet32_subvp_likelihood_iw/flowpp_dequantizer/checkpoints/checkpoint_6
+
+which is
+
+    python -m mlscore_jax.convert --config configs/subvp/imagenet32_ddpmpp_continuous.py --workdir runs/released/scoreflow_subvp_imagenet32 \
+        --score .../checkpoints/checkpoint_26 --dequantizer .../flowpp_dequantizer/checkpoints/checkpoint_6
+    python -m mlscore_jax.main --config configs/subvp/imagenet32_ddpmpp_continuous.py --workdir runs/released/scoreflow_subvp_imagenet32 \
+        --mode eval --config.eval.num_repeats=1 --config.eval.dequantization=variational
+
+(and once more with `dequantization=uniform`). Expect the paper's Table 2 value of this row; the
+best imagenet32 row gives 3.76 (ODE, variational; bound 3.86). Estimated cost: `experiments/reproduction_cost.py`.
 """
 
 import ml_collections

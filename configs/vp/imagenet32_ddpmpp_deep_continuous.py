@@ -20,6 +20,22 @@ Per-row numbers are in the paper's Table 2.
 The official config sets `training.smallest_time = 5e-5 if LW and IS else 1e-5` before
 command-line overrides apply, so it is always 1e-5 there; we keep 1e-5 and leave 5e-5 to
 `--config.training.smallest_time=5e-5`.
+
+Released checkpoints (README "Released checkpoints"; file names inferred from the official
+configs). The paper's model, score_flow folder `imagenet32_deep_vp_likelihood_iw[_flip]`:
+
+    make reproduce-scoreflow-vp-imagenet32-deep SCORE=.../imagenet32_deep_vp_likelihood_iw/checkpoints/checkpoint_19 \
+        DEQ=.../imagenet32_deep_vp_likelihood_iw/flowpp_dequantizer/checkpoints/checkpoint_6
+
+which is
+
+    python -m mlscore_jax.convert --config configs/vp/imagenet32_ddpmpp_deep_continuous.py --workdir runs/released/scoreflow_vp_imagenet32_deep \
+        --score .../checkpoints/checkpoint_19 --dequantizer .../flowpp_dequantizer/checkpoints/checkpoint_6
+    python -m mlscore_jax.main --config configs/vp/imagenet32_ddpmpp_deep_continuous.py --workdir runs/released/scoreflow_vp_imagenet32_deep \
+        --mode eval --config.eval.num_repeats=1 --config.eval.dequantization=variational
+
+(and once more with `dequantization=uniform`). Expect the paper's Table 2 value of this row; the
+best imagenet32 row gives 3.76 (ODE, variational; bound 3.86). Estimated cost: `experiments/reproduction_cost.py`.
 """
 
 import ml_collections
