@@ -31,8 +31,9 @@ train state at the source checkpoint's step, with a fresh optimizer state: fine-
 Adam's moments and its learning-rate warm-up (`optim.warmup`, counted by the optimizer), from
 the recorded step up to `training.n_iters`.
 
-Python API: `read_score_checkpoint(path, config) -> (params, info)`,
-`read_dequantizer_checkpoint(path, config) -> (variables, info)`, `convert(...)`.
+Python API: `read_score_checkpoint(path, config) -> params` and
+`read_dequantizer_checkpoint(path, config) -> variables` (this suite's trees, numpy float32;
+`with_info=True` adds a `SourceInfo`: format, step, copy, SHA-256), `convert(...)`.
 """
 
 from __future__ import annotations
@@ -329,19 +330,20 @@ def _describe_score(shapes: Mapping[tuple[str, ...], tuple[int, ...]]) -> str:
 def _suggest_configs(shapes: Mapping[tuple[str, ...], tuple[int, ...]]) -> list[str]:
     """Paper configs whose network has exactly these paths and shapes."""
     conv0 = tuple(shapes.get(("Conv_0", "kernel"), ()))
+    blocks = len({p[0] for p in shapes if p[0].startswith("ResnetBlockBigGANpp_")})
     return [
         rel
         for rel in PAPER_CONFIGS
-        if len(conv0) == 4 and _paper_config_shapes(rel, conv0[2], conv0[3]) == dict(shapes)
+        if len(conv0) == 4 and _paper_config_shapes(rel, conv0[2], conv0[3], blocks) == dict(shapes)
     ]
 
 
 @functools.cache
 def _paper_config_shapes(
-    rel: str, channels: int, nf: int
+    rel: str, channels: int, nf: int, blocks: int
 ) -> dict[tuple[str, ...], tuple[int, ...]] | None:
     """The parameter shapes of a paper config's network (None: it cannot have `channels` input
-    channels and `nf` filters, or the config cannot be read)."""
+    channels, `nf` filters and `blocks` residual blocks, or the config cannot be read)."""
     import importlib.util
 
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -357,7 +359,9 @@ def _paper_config_shapes(
         finally:
             sys.path.remove(root)
         network, shape = experiment.network_from_config(module.get_config(), source=rel)
-        if (getattr(network, "nf", None), shape[-1]) != (nf, channels):
+        # DDPM++ has L (2 n + 3) residual blocks for L levels of n blocks (down, mid, up)
+        levels, n = len(network.ch_mult), network.num_res_blocks
+        if (network.nf, shape[-1], levels * (2 * n + 3)) != (nf, channels, blocks):
             return None  # cheap: no network to trace
         return _shapes(models.abstract_variables(network, (1, *shape))["params"])
     except Exception:  # noqa: BLE001 (a config that cannot be built suggests nothing)
@@ -476,7 +480,8 @@ def read_score_checkpoint(
     config: ml_collections.ConfigDict | experiment.Experiment,
     *,
     raw: bool = False,
-) -> tuple[Params, SourceInfo]:
+    with_info: bool = False,
+) -> Params | tuple[Params, SourceInfo]:
     """The score network's parameters of a released checkpoint, in this suite's tree.
 
     Args:
@@ -484,10 +489,11 @@ def read_score_checkpoint(
         `checkpoint_N.pth`; a directory stands for its newest checkpoint file.
       config: the config (or `Experiment`) whose network the parameters are for.
       raw: the raw parameters instead of the EMA ones.
+      with_info: also return where they came from (`SourceInfo`).
 
     Returns:
-      (params: numpy float32 tree matching `models.abstract_variables(exp.model, ...)['params']`,
-      where they came from).
+      params: a numpy float32 tree equal in paths and shapes to
+      `models.abstract_variables(exp.model, ...)['params']`; `(params, info)` with `with_info`.
 
     Raises:
       ConversionError: not a checkpoint, a dequantizer checkpoint, a truncated file, or a network
@@ -518,7 +524,7 @@ def read_score_checkpoint(
         sha256=_sha256(path),
         num_params=models.param_count(params),
     )
-    return params, info
+    return (params, info) if with_info else params
 
 
 # ---------------------------------------------------------------------------------------------
@@ -550,7 +556,8 @@ def read_dequantizer_checkpoint(
     config: ml_collections.ConfigDict | experiment.Experiment,
     *,
     raw: bool = False,
-) -> tuple[Params, SourceInfo]:
+    with_info: bool = False,
+) -> Params | tuple[Params, SourceInfo]:
     """The Flow++ dequantizer variables ({'params': ...}) of a released score_flow `DeqState`.
 
     The official CIFAR-10 variant's swapped-axes kernels are this suite's layout too
@@ -580,7 +587,7 @@ def read_dequantizer_checkpoint(
         sha256=_sha256(path),
         num_params=models.param_count(variables),
     )
-    return variables, info
+    return (variables, info) if with_info else variables
 
 
 # ---------------------------------------------------------------------------------------------
@@ -636,8 +643,12 @@ def convert(
     """
     exp = experiment_for(config)
     meta_path = os.path.join(workdir, META_FILE)
-    params, info = read_score_checkpoint(score, exp, raw=raw)
-    deq = read_dequantizer_checkpoint(dequantizer, exp, raw=raw) if dequantizer else None
+    params, info = read_score_checkpoint(score, exp, raw=raw, with_info=True)
+    deq = (
+        read_dequantizer_checkpoint(dequantizer, exp, raw=raw, with_info=True)
+        if dequantizer
+        else None
+    )
     record = {
         "config": exp.source,
         "converted": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
@@ -697,17 +708,11 @@ def main(argv: list[str]) -> None:
     logs.setup(log_file, verbose=FLAGS.verbose)
     config_file = config_flags.get_config_filename(FLAGS["config"])
     logger.info("command: %s", " ".join(sys.argv))
-    try:
+    with logs.user_errors(log_file, verbose=FLAGS.verbose):
         exp = experiment_for(FLAGS.config, source=config_file)
         record = convert(
             exp, workdir, score=FLAGS.score, dequantizer=FLAGS.dequantizer, raw=FLAGS.raw
         )
-    except (ConversionError, experiment.ConfigError, FileNotFoundError, ValueError) as e:
-        if FLAGS.verbose:
-            raise
-        logger.error("%s", e, exc_info=True)
-        print(f"(traceback in {log_file}; --verbose shows it here)", file=sys.stderr)
-        sys.exit(2)
     print(
         f"{workdir}: score model step {record['score']['step']} from {record['score']['format']}"
         + (f", dequantizer step {record['dequantizer']['step']}" if record["dequantizer"] else "")

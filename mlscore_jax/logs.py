@@ -10,14 +10,20 @@
   without tracebacks unless `verbose`: third-party warnings (orbax's "Given directory is read
   only" on every read-only restore, for example) are kept in the file, not on the screen.
 
+`user_errors(log_file, verbose)` is how the command-line programs (`main`, `convert`, `nll`)
+end on a mistake of the user (a bad config key, a missing checkpoint, a file that does not fit):
+one line on the console, the traceback in the log file, exit status 2.
+
 Library code only calls `logging.getLogger(__name__)`; it never configures handlers.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import sys
+from collections.abc import Iterator
 
 _OURS = ("mlscore_jax", "__main__", "experiments")
 _FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -73,3 +79,31 @@ def setup(log_file: str | None, *, verbose: bool = False) -> None:
         file_handler.setFormatter(logging.Formatter(_FORMAT))
         root.addHandler(file_handler)
     logging.captureWarnings(True)
+
+
+def user_error_types() -> tuple[type[BaseException], ...]:
+    """Errors that mean the input is wrong, not the program."""
+    from mlscore_jax import checkpoint, datasets, experiment
+
+    return (
+        experiment.ConfigError,
+        datasets.DatasetNotPreparedError,
+        checkpoint.CheckpointError,
+        FileNotFoundError,
+        FloatingPointError,  # train.NonFiniteError: the run diverged
+        ValueError,  # convert.ConversionError, bad images for nll, bad settings
+    )
+
+
+@contextlib.contextmanager
+def user_errors(log_file: str, *, verbose: bool = False) -> Iterator[None]:
+    """Inside it, a user error (`user_error_types`) is logged (traceback to the file only) and
+    ends the program with exit status 2; with `verbose` it propagates with its traceback."""
+    try:
+        yield
+    except user_error_types() as e:
+        if verbose:
+            raise
+        logging.getLogger("mlscore_jax").error("%s", e, exc_info=True)
+        print(f"(traceback in {log_file}; --verbose shows it here)", file=sys.stderr)
+        sys.exit(2)

@@ -27,7 +27,7 @@ import jax
 from absl import app, flags
 from ml_collections import config_flags
 
-from mlscore_jax import checkpoint, datasets, experiment, logs, parallel
+from mlscore_jax import experiment, logs, parallel
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Configuration file.", lock_config=True)
@@ -47,16 +47,6 @@ flags.DEFINE_bool("verbose", False, "Show tracebacks and every log record's orig
 flags.mark_flags_as_required(["config", "workdir"])
 
 logger = logging.getLogger("mlscore_jax.main")
-
-# Errors that mean the input is wrong, not the program: reported in one line.
-USER_ERRORS = (
-    experiment.ConfigError,
-    datasets.DatasetNotPreparedError,
-    checkpoint.CheckpointError,
-    FileNotFoundError,
-    FloatingPointError,  # train.NonFiniteError: the run diverged
-    ValueError,
-)
 
 
 def run(config_file: str) -> None:
@@ -95,14 +85,8 @@ def main(argv: list[str]) -> None:
     logs.setup(log_file, verbose=FLAGS.verbose)
     config_file = config_flags.get_config_filename(FLAGS["config"])
     logger.info("command: %s", " ".join(sys.argv))
-    try:
+    with logs.user_errors(log_file, verbose=FLAGS.verbose):
         run(config_file)
-    except USER_ERRORS as e:
-        if FLAGS.verbose:
-            raise
-        logger.error("%s", e, exc_info=True)  # the file gets the traceback, the console not
-        print(f"(traceback in {log_file}; --verbose shows it here)", file=sys.stderr)
-        sys.exit(2)
 
 
 if __name__ == "__main__":

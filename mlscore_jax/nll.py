@@ -58,23 +58,13 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from mlscore_jax import checkpoint, datasets, experiment
+from mlscore_jax import experiment
 from mlscore_jax.settings import BpdSettings
 
 logger = logging.getLogger(__name__)
 
 METHODS = ("ode", "bound")
 ARRAY_SUFFIXES = (".npz", ".npy")
-
-# Errors that mean the input is wrong, not the program: one line, exit status 2 (as `main`).
-USER_ERRORS = (
-    experiment.ConfigError,
-    datasets.DatasetNotPreparedError,
-    checkpoint.CheckpointError,
-    FileNotFoundError,
-    FloatingPointError,
-    ValueError,
-)
 
 
 class NotAnImage(Exception):
@@ -590,7 +580,7 @@ def _main(argv: list[str]) -> None:
     log_file = os.path.join(FLAGS.workdir, "nll", "log.txt")
     logs.setup(log_file, verbose=FLAGS.verbose)
     logger.info("command: %s", " ".join(sys.argv))
-    try:
+    with logs.user_errors(log_file, verbose=FLAGS.verbose):
         if FLAGS.num_repeats is not None and FLAGS.num_repeats < 1:
             raise ValueError(f"--num_repeats must be >= 1, got {FLAGS.num_repeats}")
         config_file = config_flags.get_config_filename(FLAGS["config"])
@@ -604,12 +594,6 @@ def _main(argv: list[str]) -> None:
             csv_path=FLAGS.csv,
             progress=FLAGS.progress,
         )
-    except USER_ERRORS as e:
-        if FLAGS.verbose:
-            raise
-        logger.error("%s", e, exc_info=True)  # the file gets the traceback, the console not
-        print(f"(traceback in {log_file}; --verbose shows it here)", file=sys.stderr)
-        sys.exit(2)
     s = result.images.settings
     logger.info(
         "%s bits/dim, checkpoint step %d (%s), %s dequantization, %d repeat(s)",

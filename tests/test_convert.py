@@ -90,7 +90,7 @@ def test_converted_ddpmpp_reproduces_the_official_output(source):
     _require(path)
     ref = np.load(FIXTURES / f"ddpmpp_{source}.npz")
     exp = _exp()
-    params, info = convert.read_score_checkpoint(str(path), exp)
+    params, info = convert.read_score_checkpoint(str(path), exp, with_info=True)
     assert info.format == ("torch" if source == "torch" else "flax-msgpack")
     assert (info.kind, info.step, info.copy, info.num_params) == ("score", 1, "ema", 189_347)
     out = _noise(exp, params, ref)
@@ -99,7 +99,7 @@ def test_converted_ddpmpp_reproduces_the_official_output(source):
     _, sigma = exp.sde.marginal(jnp.asarray(ref["t"]))
     np.testing.assert_allclose(ref["std"], sigma, rtol=2e-3)
     # The raw weights give the official non-EMA output, and that differs from the EMA one.
-    raw, info_raw = convert.read_score_checkpoint(str(path), exp, raw=True)
+    raw, info_raw = convert.read_score_checkpoint(str(path), exp, raw=True, with_info=True)
     assert info_raw.copy == "raw"
     np.testing.assert_allclose(_noise(exp, raw, ref), ref["output_nonema"], rtol=0, atol=1e-4)
     assert np.abs(ref["output_nonema"] - ref["output"]).max() > 0.5
@@ -127,7 +127,9 @@ def test_converted_dequantizer_reproduces_the_official_output(variant):
     exp = _exp(imagenet=variant == "imagenet32")
     results = {}
     for raw in (False, True):
-        variables, info = convert.read_dequantizer_checkpoint(str(path), exp, raw=raw)
+        variables, info = convert.read_dequantizer_checkpoint(
+            str(path), exp, raw=raw, with_info=True
+        )
         assert (info.kind, info.step) == ("dequantizer", 1)
         u, log_q = exp.dequantizer.apply(variables, ref["eps"], ref["x_uint8"])
         results[raw] = np.asarray(u), np.asarray(log_q)
@@ -211,7 +213,7 @@ def test_a_directory_stands_for_its_newest_checkpoint(tmp_path):
     for n in (2, 10):
         shutil.copy(FIXTURES / "ddpmpp_flax" / "checkpoint_1", tmp_path / f"checkpoint_{n}")
     (tmp_path / "checkpoint_10.tmp").write_text("partial")
-    _, info = convert.read_score_checkpoint(str(tmp_path), _exp())
+    _, info = convert.read_score_checkpoint(str(tmp_path), _exp(), with_info=True)
     assert info.path.endswith("checkpoint_10")
 
 
@@ -289,28 +291,24 @@ def _cifar_exp(*overrides):
     return _exp(*tiny, *overrides, images=images)
 
 
-def test_converted_workdir_evaluates_with_both_dequantizers(converted, tmp_path):
+def test_converted_workdir_evaluates_with_the_converted_dequantizer(converted, tmp_path):
     workdir = tmp_path / "run"
     shutil.copytree(converted, workdir)
     exp = _cifar_exp()
     params, step = train.restore_params(exp, str(workdir), parallel.make_mesh())
-    reference, _ = convert.read_score_checkpoint(str(FIXTURES / "ddpmpp_torch.pth"), exp)
+    reference = convert.read_score_checkpoint(str(FIXTURES / "ddpmpp_torch.pth"), exp)
     for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(reference), strict=True):
         np.testing.assert_array_equal(a, b)
     assert step == 1
 
-    uniform = evaluate.evaluate(exp, str(workdir))
-    variational = evaluate.evaluate(_cifar_exp("eval.dequantization=variational"), str(workdir))
-    for m in (uniform, variational):
-        assert m["step"] == 1 and m["num_images"] == 4 and np.isfinite(m["ode"]["mean"])
-        # random weights: a poor density, but a density (well above 8 bits/dim is impossible
-        # for a normalised model only in expectation; here just finite and positive)
-        assert m["ode"]["mean"] > 0
-    assert variational["deq_step"] == 1 and "log_q" in variational
-    assert variational["ode"]["mean"] != uniform["ode"]["mean"]
+    # Both converted networks at once: the score model and the dequantizer (the uniform path
+    # is the same program without the flow; tests/test_evaluate.py covers it).
+    m = evaluate.evaluate(_cifar_exp("eval.dequantization=variational"), str(workdir))
+    assert m["step"] == 1 and m["deq_step"] == 1 and m["num_images"] == 4
+    # random weights: a poor density (~16 bits/dim), but finite
+    assert np.isfinite(m["ode"]["mean"]) and np.isfinite(m["log_q"]["mean"])
     table = (workdir / "results.md").read_text()
-    assert "| cifar10 | test | 1 | 4 x 1 | uniform (1) |" in table
-    assert "| variational step 1 (1) |" in table
+    assert "| cifar10 | test | 1 | 4 x 1 | variational step 1 (1) | bits/dim |" in table
 
 
 def test_converted_workdir_fine_tunes_from_its_step(converted, tmp_path):
@@ -319,7 +317,7 @@ def test_converted_workdir_fine_tunes_from_its_step(converted, tmp_path):
     exp = _cifar_exp()
     state = train.train_and_evaluate(exp, str(workdir), progress=False)
     assert int(state.step) == 3  # from the source step 1, two more steps
-    before, _ = convert.read_score_checkpoint(str(FIXTURES / "ddpmpp_torch.pth"), exp)
+    before = convert.read_score_checkpoint(str(FIXTURES / "ddpmpp_torch.pth"), exp)
     moved = [
         float(np.abs(np.asarray(a) - b).max())
         for a, b in zip(jax.tree.leaves(state.params), jax.tree.leaves(before), strict=True)
