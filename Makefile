@@ -41,8 +41,12 @@ $(TORCH_STAMP): $(STAMP)
 	$(PY) -m pip install -e '.[dev,torch]' '$(TORCH)'
 	touch $(TORCH_STAMP)
 
+# Test files run in TEST_WORKERS processes (pytest-xdist; a file's tests stay together, so its
+# module fixtures are built once): the tests are mostly XLA compiles, one core each.
+TEST_WORKERS ?= 2
+
 test: install install-torch
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile tests
 
 lint: install
 	$(VENV)/bin/ruff check mlscore_jax tests experiments configs
