@@ -458,6 +458,37 @@ class Checkpointer:
             )
         return self._restore_verified(kind, step, abstract_state, fields)
 
+    def restore_step(
+        self,
+        step: int,
+        abstract_state: Any,
+        *,
+        fields: bool = False,
+        what: str = "",
+        hint: str = "",
+    ) -> tuple[Any, int]:
+        """``(state, step)`` of the checkpoint a user asks for by step: ``step < 0`` is the
+        newest usable one (:meth:`restore_latest`); otherwise the snapshot of that step, else
+        the pre-emption checkpoint of that step.
+
+        Raises:
+          FileNotFoundError: no such checkpoint: "no {what}checkpoint in ...: {hint}", or the
+            steps there are when a step was asked for.
+          Otherwise as :meth:`restore`.
+        """
+        if step < 0:
+            restored = self.restore_latest(abstract_state, fields=fields)
+            if restored is None:
+                raise FileNotFoundError(f"no {what}checkpoint in {self.workdir}: {hint}")
+            return restored
+        for kind in ("snapshot", "preemption"):
+            if step in self.steps(kind):  # type: ignore[arg-type]
+                return self.restore(step, abstract_state, kind=kind, fields=fields), step
+        raise FileNotFoundError(
+            f"no {what}checkpoint of step {step} in {self.workdir}; snapshots: "
+            f"{self.snapshot_steps()}, pre-emption: {self.steps('preemption')}"
+        )
+
     def restore_latest(
         self, abstract_state: Any, *, fields: bool = False
     ) -> tuple[Any, int] | None:

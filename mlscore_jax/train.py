@@ -240,21 +240,9 @@ def restore_params(
     name = "ema_params" if use_ema else "params"
     ckpt = checkpoint.Checkpointer(workdir, read_only=True)
     try:
-        if step < 0:
-            restored = ckpt.restore_latest(target, fields=True)
-            if restored is None:
-                raise FileNotFoundError(
-                    f"no checkpoint in {workdir}: train first (make train CONFIG=... "
-                    f"WORKDIR={workdir})"
-                )
-            return restored[0][name], restored[1]
-        for kind in ("snapshot", "preemption"):
-            if step in ckpt.steps(kind):
-                return ckpt.restore(step, target, kind=kind, fields=True)[name], step
-        raise FileNotFoundError(
-            f"no checkpoint of step {step} in {workdir}; snapshots: {ckpt.snapshot_steps()}, "
-            f"pre-emption: {ckpt.steps('preemption')}"
-        )
+        hint = f"train first (make train CONFIG=... WORKDIR={workdir})"
+        restored = ckpt.restore_step(step, target, fields=True, hint=hint)
+        return restored[0][name], restored[1]
     finally:
         ckpt.close()
 

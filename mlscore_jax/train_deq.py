@@ -240,7 +240,7 @@ def restore_dequantizer(
     ckpt = checkpoint.Checkpointer(directory, read_only=True)
     try:
         try:
-            params, found = _restore_ema(ckpt, target, step, directory, how)
+            params, found = _restore_ema(ckpt, target, step, how)
         except checkpoint.StateMismatchError as e:  # names the parameter path and both shapes
             raise checkpoint.StateMismatchError(
                 f"{e}" + (f"; {_mismatch(directory, diff)}" if diff else "")
@@ -253,20 +253,8 @@ def restore_dequantizer(
 
 
 def _restore_ema(
-    ckpt: checkpoint.Checkpointer, target: dict, step: int, directory: str, how: str
+    ckpt: checkpoint.Checkpointer, target: dict, step: int, how: str
 ) -> tuple[Any, int]:
-    if step < 0:
-        restored = ckpt.restore_latest(target, fields=True)
-        if restored is None:
-            raise FileNotFoundError(
-                f"eval.dequantization='variational' but {directory} holds no trained "
-                f"dequantizer; {how}"
-            )
-        return restored[0]["ema_params"], restored[1]
-    for kind in ("snapshot", "preemption"):
-        if step in ckpt.steps(kind):
-            return ckpt.restore(step, target, kind=kind, fields=True)["ema_params"], step
-    raise FileNotFoundError(
-        f"no dequantizer checkpoint of step {step} in {directory}; snapshots: "
-        f"{ckpt.snapshot_steps()}, pre-emption: {ckpt.steps('preemption')}"
-    )
+    hint = f"eval.dequantization='variational' needs a trained dequantizer; {how}"
+    restored = ckpt.restore_step(step, target, fields=True, what="dequantizer ", hint=hint)
+    return restored[0]["ema_params"], restored[1]
