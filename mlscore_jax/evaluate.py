@@ -412,6 +412,45 @@ def dequantizer_of(
     return dequantizers.Variational(exp.dequantizer, exp.preprocessing), deq_params, deq_step
 
 
+def bits_per_dim(
+    exp: experiment.Experiment,
+    workdir: str,
+    images: np.ndarray,
+    settings: BpdSettings,
+    out_dir_of: Callable[[int | None], str],
+    *,
+    params: Any,
+    step: int,
+    mesh: jax.sharding.Mesh,
+    info: dict[str, Any] | None = None,
+    progress: bool = False,
+) -> dict[str, Any]:
+    """`evaluate_split` of `images` under the score model `params` (checkpoint `step`) of `exp`,
+    with the dequantizer `settings.dequantization` of `workdir` (`dequantizer_of`), into
+    `out_dir_of(dequantizer step or None)`; what `evaluate` and `nll` share. The metrics record
+    the step, EMA, directory, dequantization (and its step) and `info`."""
+    deq, deq_params, deq_step = dequantizer_of(exp, workdir, mesh)
+    out_dir = out_dir_of(deq_step)
+    record = {"step": step, "ema": exp.eval.use_ema, "dir": out_dir, **(info or {})}
+    record["dequantization"] = settings.dequantization
+    if deq_step is not None:
+        record["deq_step"] = deq_step
+    return evaluate_split(
+        models.ScoreModel(exp.model, exp.sde),
+        exp.sde,
+        exp.preprocessing,
+        images,
+        settings,
+        out_dir,
+        params=params,
+        dequantizer=deq,
+        deq_params=deq_params,
+        mesh=mesh,
+        info=record,
+        progress=progress,
+    )
+
+
 def evaluate(exp: experiment.Experiment, workdir: str, *, progress: bool = False) -> dict[str, Any]:
     """Evaluate the checkpoint `exp.eval.ckpt_step` of `workdir`; returns (and writes) metrics.
 
@@ -428,23 +467,15 @@ def evaluate(exp: experiment.Experiment, workdir: str, *, progress: bool = False
         images = exp.dataset.test if settings.split == "test" else exp.dataset.train
         if images.shape[0] == 0:
             raise ValueError(f"the {settings.split} split of {exp.dataset.name} is empty")
-        deq, deq_params, deq_step = dequantizer_of(exp, workdir, mesh)
-        out_dir = bpd_directory(exp, workdir, step, deq_step)
-        info = {**metrics, "dir": out_dir, "dequantization": settings.dequantization}
-        if deq_step is not None:
-            info["deq_step"] = deq_step
-        metrics = evaluate_split(
-            models.ScoreModel(exp.model, exp.sde),
-            exp.sde,
-            exp.preprocessing,
+        metrics = bits_per_dim(
+            exp,
+            workdir,
             images,
             settings,
-            out_dir,
+            lambda deq_step: bpd_directory(exp, workdir, step, deq_step),
             params=params,
-            dequantizer=deq,
-            deq_params=deq_params,
+            step=step,
             mesh=mesh,
-            info=info,
             progress=progress,
         )
         if jax.process_index() == 0:

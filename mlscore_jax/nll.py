@@ -345,7 +345,7 @@ def evaluate_images(
     through `evaluate.evaluate_split` with `settings_for(exp.eval.bpd, method, num_repeats)`
     into `output_dir(...)` (resumed if it exists). `names` are recorded in metrics.json.
     """
-    from mlscore_jax import evaluate, models, parallel
+    from mlscore_jax import evaluate, parallel
     from mlscore_jax.train import restore_params
 
     if exp.preprocessing.levels is None:
@@ -357,30 +357,21 @@ def evaluate_images(
     settings = settings_for(exp.eval.bpd, method, num_repeats)
     mesh = mesh if mesh is not None else parallel.make_mesh()
     params, step = restore_params(exp, workdir, mesh)
-    deq, deq_params, deq_step = evaluate.dequantizer_of(exp, workdir, mesh)
-    out_dir = output_dir(
-        workdir, images, settings, step=step, use_ema=exp.eval.use_ema, deq_step=deq_step
-    )
-    info: dict[str, Any] = {"step": step, "ema": exp.eval.use_ema, "dir": out_dir}
-    info["dequantization"] = settings.dequantization
-    if deq_step is not None:
-        info["deq_step"] = deq_step
-    if names is not None:
-        info["files"] = list(names)
-    metrics = evaluate.evaluate_split(
-        models.ScoreModel(exp.model, exp.sde),
-        exp.sde,
-        exp.preprocessing,
+    metrics = evaluate.bits_per_dim(
+        exp,
+        workdir,
         images,
         settings,
-        out_dir,
+        lambda deq_step: output_dir(
+            workdir, images, settings, step=step, use_ema=exp.eval.use_ema, deq_step=deq_step
+        ),
         params=params,
-        dequantizer=deq,
-        deq_params=deq_params,
+        step=step,
         mesh=mesh,
-        info=info,
+        info={"files": list(names)} if names is not None else None,
         progress=progress,
     )
+    out_dir = metrics["dir"]
     with np.load(os.path.join(out_dir, "per_image.npz")) as f:
         per = {k: f[k] for k in f.files}
     return ImagesResult(out_dir, settings, step, per, metrics)
