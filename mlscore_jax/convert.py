@@ -52,12 +52,13 @@ import sys
 from collections.abc import Mapping
 from typing import Any
 
+import flax.traverse_util
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from mlscore_jax import checkpoint, experiment, models, train
+from mlscore_jax import checkpoint, experiment, models, parallel, train
 
 logger = logging.getLogger(__name__)
 
@@ -92,6 +93,18 @@ class SourceInfo:
     copy: str  # 'ema' | 'raw'
     sha256: str
     num_params: int
+
+
+def _source_info(path: str, fmt: str, kind: str, step: int, raw: bool, tree: Any) -> SourceInfo:
+    return SourceInfo(
+        path=os.path.abspath(path),
+        format=fmt,
+        kind=kind,
+        step=step,
+        copy="raw" if raw else "ema",
+        sha256=_sha256(path),
+        num_params=models.param_count(tree),
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -234,8 +247,8 @@ def _kind_of_torch(tree: dict[str, Any]) -> str:
     )
 
 
-def _read(path: str, want: str) -> tuple[str, dict[str, Any], str]:
-    """(format, tree, kind) of a checkpoint that must hold a `want` ('score'/'dequantizer')."""
+def _read(path: str, want: str) -> tuple[str, dict[str, Any]]:
+    """(format, tree) of a checkpoint that must hold a `want` ('score' or 'dequantizer')."""
     fmt = detect_format(path)
     tree = read_torch(path) if fmt == "torch" else read_flax_msgpack(path)
     kind = _kind_of_torch(tree) if fmt == "torch" else _kind_of_flax(tree)
@@ -246,30 +259,15 @@ def _read(path: str, want: str) -> tuple[str, dict[str, Any], str]:
             f"{path} holds {what}, not a {'score model' if want == 'score' else 'dequantizer'}: "
             f"pass it as {flag}"
         )
-    return fmt, tree, kind
+    return fmt, tree
 
 
 # ---------------------------------------------------------------------------------------------
 # Trees
 
 
-def _flatten(tree: Any, prefix: tuple[str, ...] = ()) -> dict[tuple[str, ...], Any]:
-    if isinstance(tree, Mapping):
-        out: dict[tuple[str, ...], Any] = {}
-        for k, v in tree.items():
-            out.update(_flatten(v, (*prefix, str(k))))
-        return out
-    return {prefix: tree}
-
-
-def _unflatten(flat: Mapping[tuple[str, ...], Any]) -> Params:
-    root: Params = {}
-    for path, leaf in flat.items():
-        node = root
-        for k in path[:-1]:
-            node = node.setdefault(k, {})
-        node[path[-1]] = leaf
-    return root
+def _flatten(tree: Any) -> dict[tuple[str, ...], Any]:
+    return flax.traverse_util.flatten_dict(tree)
 
 
 def _name(path: tuple[str, ...]) -> str:
@@ -467,7 +465,7 @@ def _torch_score_params(tree: dict[str, Any], exp, raw: bool, path: str) -> Para
         top = order[index]
         name, array = _torch_leaf(top, leaf, np.asarray(value, np.float32))
         flat[(top, *subs, name)] = array
-    return _unflatten(flat)
+    return flax.traverse_util.unflatten_dict(flat)
 
 
 def _torch_summary(keys: list[str], state: Mapping[str, Any]) -> str:
@@ -502,7 +500,7 @@ def read_score_checkpoint(
     """
     exp = experiment_for(config)
     path = _resolve(path, "score")
-    fmt, tree, _ = _read(path, "score")
+    fmt, tree = _read(path, "score")
     if fmt == "torch":
         params = _torch_score_params(tree, exp, raw, path)
         step = int(tree.get("step", 0))
@@ -511,20 +509,12 @@ def read_score_checkpoint(
         if model_state:  # NCSNpp has none; another network (batch norm) would
             raise ConversionError(f"{path}: non-empty model_state {list(model_state)}")
         source = tree["optimizer"]["target"] if raw else tree["params_ema"]
-        params = {k: v for k, v in source.items()}
-        params = jax.tree.map(lambda x: np.asarray(x, np.float32), params)
+        params = jax.tree.map(lambda x: np.asarray(x, np.float32), dict(source))
         step = int(np.asarray(tree.get("step", 0)))
     _check_tree(params, _network_shapes(exp), path, exp, "score")
-    info = SourceInfo(
-        path=os.path.abspath(path),
-        format=fmt,
-        kind="score",
-        step=step,
-        copy="raw" if raw else "ema",
-        sha256=_sha256(path),
-        num_params=models.param_count(params),
-    )
-    return (params, info) if with_info else params
+    if with_info:
+        return params, _source_info(path, fmt, "score", step, raw, params)
+    return params
 
 
 # ---------------------------------------------------------------------------------------------
@@ -570,24 +560,17 @@ def read_dequantizer_checkpoint(
     if exp.dequantizer is None:
         raise ConversionError(f"{exp.source} has no `deq` section: no dequantizer to load into")
     path = _resolve(path, "dequantizer")
-    fmt, tree, _ = _read(path, "dequantizer")
+    fmt, tree = _read(path, "dequantizer")
     source = tree["optimizer"]["target"] if raw else tree["params_ema"]
     variables = jax.tree.map(lambda x: np.asarray(x, np.float32), dict(source))
     from mlscore_jax import train_deq
 
-    mesh = jax.sharding.Mesh(np.asarray(jax.devices()[:1]), ("data",))
-    want = _shapes({"params": train_deq.abstract_params(exp, mesh)})
+    want = _shapes({"params": train_deq.abstract_params(exp, parallel.make_mesh())})
     _check_tree(variables, want, path, exp, "dequantizer")
-    info = SourceInfo(
-        path=os.path.abspath(path),
-        format=fmt,
-        kind="dequantizer",
-        step=int(np.asarray(tree.get("step", 0))),
-        copy="raw" if raw else "ema",
-        sha256=_sha256(path),
-        num_params=models.param_count(variables),
-    )
-    return (variables, info) if with_info else variables
+    if with_info:
+        step = int(np.asarray(tree.get("step", 0)))
+        return variables, _source_info(path, fmt, "dequantizer", step, raw, variables)
+    return variables
 
 
 # ---------------------------------------------------------------------------------------------
