@@ -204,15 +204,9 @@ TINY = [
 
 
 def _config(*overrides):
-    from test_train import _set
+    from test_train import config_with
 
-    import configs.cpu.digits_mlp
-
-    cfg = configs.cpu.digits_mlp.get_config()
-    for arg in TINY + list(overrides):
-        key, value = arg[len("--config.") :].split("=")
-        _set(cfg, key, value)
-    return cfg
+    return config_with([*TINY, *overrides])
 
 
 def _exp(*overrides):

@@ -40,6 +40,18 @@ TINY = [
 ]
 
 
+def config_with(overrides, module="digits_mlp"):
+    """`configs/cpu/<module>.py`'s config with `--config.a.b=value` overrides applied as the
+    command line would apply them (`_set`); the tests' one way to build a tiny config."""
+    import importlib
+
+    cfg = importlib.import_module(f"configs.cpu.{module}").get_config()
+    for arg in overrides:
+        key, value = arg[len("--config.") :].split("=", 1)
+        _set(cfg, key, value)
+    return cfg
+
+
 def _env(devices: int = NUM_TEST_DEVICES) -> dict:
     """A subprocess with as many CPU devices as this test process: the same compiled program,
     so its checkpoints are bit-identical to an in-process run's."""
