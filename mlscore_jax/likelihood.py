@@ -25,12 +25,15 @@ import jax
 import jax.numpy as jnp
 
 from mlscore_jax.losses import scaled_score
+from mlscore_jax.models import layers
 from mlscore_jax.sde import SDE, broadcast_to_data
 
 Array = jax.Array
 ScoreFn = Callable[[Array, Array], Array]
 
 DIVERGENCES = ("rademacher", "gaussian", "exact")
+MODES = ("vjp", "jvp")  # how the Hutchinson estimate is formed
+VARIABLES = ("t", "logsnr", "scaled")  # what the solver integrates over
 
 SOLVERS: dict[str, Callable[[], diffrax.AbstractSolver]] = {
     "tsit5": diffrax.Tsit5,
@@ -85,6 +88,10 @@ def probability_flow_drift(
     return sde.drift(x, t) - broadcast_to_data(half_g2_over_sigma, x) * sigma_s
 
 
+def _has_closed_form_time_change(sde: SDE) -> bool:
+    return type(sde).importance_inverse_cdf is not SDE.importance_inverse_cdf
+
+
 def ode_nll(
     score_fn: ScoreFn | None,
     sde: SDE,
@@ -99,6 +106,8 @@ def ode_nll(
     max_steps: int = 4096,
     throw: bool = True,
     noise_fn: ScoreFn | None = None,
+    mode: str = "vjp",
+    variable: str = "t",
 ) -> ODELikelihoodResult:
     """Negative log-likelihood per example by the probability-flow ODE.
 
@@ -121,13 +130,26 @@ def ode_nll(
         is NaN for that example.
       throw: raise on a failed solve.
       noise_fn: eps_hat(x, t), alternative to score_fn.
+      mode: how the Hutchinson estimate v^T J v is formed: 'vjp' (one reverse-mode pass, the
+        official way) or 'jvp' (one forward-mode pass: the drift and J v together, no
+        transposed convolutions). Same value up to float32 rounding.
+      variable: what the solver integrates over (`VARIABLES`), all exact reparametrisations of
+        the same ODE (`../shared/reference/checkpoints_and_likelihood.md` section B):
+        't': x over t in [eps, T] (the official solve);
+        'logsnr': x over s = gamma(t) - gamma(eps) in [0, Z], gamma = log(sigma^2 / alpha^2)
+          (ds = g^2 / sigma^2 dt: the importance-sampling density, so t(s) is
+          `sde.importance_inverse_cdf`);
+        'scaled': y = x / alpha over the same s, dy/ds = -(sigma^2 / 2 alpha) s_theta(alpha y),
+          with the change-of-state term D log(alpha(T) / alpha(eps)) added to log p.
+        'logsnr' and 'scaled' need an SDE with closed-form `importance_inverse_cdf` (VP, subVP,
+        VE); the error control then acts on other step sizes (and, for 'scaled', on y).
 
     Returns:
       ODELikelihoodResult. NFE counts every evaluation of the augmented vector field (one drift
-      and one VJP through the network, or D JVPs for 'exact') that the compiled solve runs:
-      a start-up cost plus, per attempted step (accepted or rejected), the solver's stages less
-      one for first-same-as-last solvers: 1 + 6 x steps for Tsit5 and Dopri5 (table `EVALS`;
-      0 for solvers not in it).
+      and one VJP or JVP through the network, or D JVPs for 'exact') that the compiled solve
+      runs: a start-up cost plus, per attempted step (accepted or rejected), the solver's stages
+      less one for first-same-as-last solvers: 1 + 6 x steps for Tsit5 and Dopri5 (table
+      `EVALS`; 0 for solvers not in it).
     """
     if divergence not in DIVERGENCES:
         raise ValueError(f"unknown divergence {divergence!r}; choose one of {DIVERGENCES}")
@@ -135,6 +157,19 @@ def ode_nll(
         raise ValueError(f"divergence={divergence!r} needs a PRNG key for its probes")
     if not 0 <= eps < sde.T:
         raise ValueError(f"eps must lie in [0, T={sde.T}), got {eps}")
+    if mode not in MODES:
+        raise ValueError(f"unknown mode {mode!r}; choose one of {MODES}")
+    if variable not in VARIABLES:
+        raise ValueError(f"unknown integration variable {variable!r}; choose one of {VARIABLES}")
+    if variable != "t":
+        if not _has_closed_form_time_change(sde):
+            raise ValueError(
+                f"variable={variable!r} needs the closed-form inverse of the log-SNR "
+                f"(`importance_inverse_cdf`), which {type(sde).__name__} does not define; "
+                "use variable='t'"
+            )
+        if not eps > 0:
+            raise ValueError(f"variable={variable!r} needs eps > 0 (log-SNR is -inf at 0)")
     solver_obj = get_solver(solver)
     shape = x.shape[1:]
     d = math.prod(shape)
@@ -146,30 +181,59 @@ def ode_nll(
     else:
         probes = jnp.zeros_like(x)
 
-    def drift_one(xi: Array, t: Array) -> Array:
-        return probability_flow_drift(score_fn, sde, xi[None], t[None], noise_fn=noise_fn)[0]
+    def time_of(s: Array) -> tuple[Array, Array]:
+        """t(s) and dt/ds for the integration variable s."""
+        if variable == "t":
+            return s, jnp.ones_like(s)
+        t = sde.importance_inverse_cdf(s, eps)
+        return t, 1.0 / sde.importance_density_unnormalized(t)
 
-    def vector_field(t, y, probe):
-        xi, _ = y
+    def field_one(state: Array, s: Array) -> Array:
+        """d state / ds of one example (state: x, or y = x / alpha for 'scaled')."""
+        t, dt_ds = time_of(s)
+        if variable == "scaled":
+            alpha, sigma = sde.marginal(t)
+            sigma_s = scaled_score(score_fn, noise_fn, (alpha * state)[None], t[None], sigma[None])[
+                0
+            ]
+            # dy/dt = -g^2 s / (2 alpha); times dt/ds = sigma^2 / g^2
+            return -0.5 * (sigma / alpha) * sigma_s
+        return (
+            dt_ds
+            * probability_flow_drift(score_fn, sde, state[None], t[None], noise_fn=noise_fn)[0]
+        )
+
+    def vector_field(s, y, probe):
+        state, _ = y
+        fn = lambda v: field_one(v, s)  # noqa: E731
         if divergence == "exact":
-            f = drift_one(xi, t)
-            jac = jax.jacfwd(drift_one)(xi, t).reshape(d, d)
-            div = jnp.trace(jac)
-        else:
-            f, vjp_fn = jax.vjp(lambda v: drift_one(v, t), xi)
-            div = jnp.sum(vjp_fn(probe)[0] * probe)
-        return f, div
+            with layers.forward_mode_convs():
+                jac = jax.jacfwd(fn)(state).reshape(d, d)
+            return fn(state), jnp.trace(jac)
+        if mode == "jvp":
+            with layers.forward_mode_convs():
+                f, jv = jax.jvp(fn, (state,), (probe,))
+            return f, jnp.sum(jv * probe)
+        f, vjp_fn = jax.vjp(fn, state)
+        return f, jnp.sum(vjp_fn(probe)[0] * probe)
 
     term = diffrax.ODETerm(vector_field)
     controller = diffrax.PIDController(rtol=rtol, atol=atol)
+    if variable == "t":
+        s0, s1 = eps, sde.T
+    else:
+        s0, s1 = 0.0, sde.importance_normalizer(eps)
+    alpha_0, _ = sde.marginal(jnp.asarray(eps, jnp.float32))
+    alpha_1, _ = sde.marginal(jnp.asarray(sde.T, jnp.float32))
 
     def solve_one(xi: Array, probe: Array):
-        y0 = (xi, jnp.zeros((), xi.dtype))
+        state0 = xi / alpha_0 if variable == "scaled" else xi
+        y0 = (state0, jnp.zeros((), xi.dtype))
         sol = diffrax.diffeqsolve(
             term,
             solver_obj,
-            t0=eps,
-            t1=sde.T,
+            t0=s0,
+            t1=s1,
             dt0=None,
             y0=y0,
             args=probe,
@@ -177,11 +241,17 @@ def ode_nll(
             max_steps=max_steps,
             throw=throw,
         )
-        z, delta = (leaf[-1] for leaf in sol.ys)
+        state1, delta = (leaf[-1] for leaf in sol.ys)
+        if variable == "scaled":  # back to x, and the change of state x -> y at both ends
+            return alpha_1 * state1, delta + d * jnp.log(alpha_1 / alpha_0), sol
+        return state1, delta, sol
+
+    def solve_stats(xi, probe):
+        z, delta, sol = solve_one(xi, probe)
         ok = sol.result == diffrax.RESULTS.successful
         return z, delta, sol.stats["num_steps"], ok
 
-    z, delta, num_steps, ok = jax.vmap(solve_one)(x, probes)
+    z, delta, num_steps, ok = jax.vmap(solve_stats)(x, probes)
     prior_logp = sde.prior_logp(z)
     nll = jnp.where(ok, -prior_logp - delta, jnp.nan)
     startup, per_step = EVALS.get(type(solver_obj), (0, 0))

@@ -212,3 +212,81 @@ def test_sharded_over_four_cpu_devices():
     bound = exact_score_bound(ref, sde, eps, 1e-5, 1e-5)
     bound = bound + exact_score_bound(out, sde, eps, 1e-5, 1e-5)
     assert_within(out.nll, ref.nll, bound, "sharded nll")
+
+
+GAUSSIAN_VARIABLE_CASES = [(VPSDE(), 1e-5), (SubVPSDE(), 1e-2), (VESDE(), 1e-5)]
+# The issue's bar for a reparametrised solve: the Gaussian closed form to 1e-4 nats at TIGHT.
+# The a-priori bound of the t solve (`nll_error_bound`, Cauchy-Schwarz over the 17 components)
+# is 2e-3 here, far above what the solves err: on AVX2 and SSE4.2 all of t / logsnr / scaled x
+# vjp / jvp were within 4e-5.
+VARIABLE_TOL = 1e-4
+
+
+@pytest.mark.parametrize("variable", ["t", "logsnr", "scaled"])
+@pytest.mark.parametrize("mode", ["vjp", "jvp"])
+@pytest.mark.parametrize("sde,eps", GAUSSIAN_VARIABLE_CASES, ids=["vp", "subvp", "ve"])
+def test_integration_variables_and_modes_match_closed_form(sde, eps, variable, mode):
+    """Every integration variable (t; log-SNR; y = x / alpha with its D log alpha term) and
+    both Hutchinson modes give the closed-form NLL (Rademacher probes are exact here)."""
+    x = DATA.sample(jax.random.key(0), 6)
+    r = jax.jit(
+        lambda x: ode_nll(
+            DATA.score_fn(sde),
+            sde,
+            x,
+            jax.random.key(1),
+            eps=eps,
+            mode=mode,
+            variable=variable,
+            **TIGHT,
+        )
+    )(x)
+    assert bool(r.success.all())
+    assert_within(r.nll, DATA.ode_nll(sde, x, eps), VARIABLE_TOL, f"{variable}/{mode}")
+    if variable == "scaled":  # z is x(T), not y(T) = x(T) / alpha(T)
+        exact_z = _gaussian_flow(sde, x, eps)
+        assert_within(r.z, exact_z, 1e-3 * float(jnp.abs(exact_z).max()), "z")
+
+
+def _gaussian_flow(sde, x, eps):
+    alpha_e, _ = sde.marginal(jnp.asarray(eps))
+    alpha_t, _ = sde.marginal(jnp.asarray(sde.T))
+    v_e = DATA.marginal_var(sde, jnp.asarray(eps))
+    v_t = DATA.marginal_var(sde, jnp.asarray(sde.T))
+    mean = jnp.broadcast_to(DATA.mean, x.shape)
+    return alpha_t * mean + jnp.sqrt(v_t / v_e) * (x - alpha_e * mean)
+
+
+def test_reparametrised_variables_need_a_closed_form_time_change():
+    x = DATA.sample(jax.random.key(0), 2)
+    sde = LinearLogSNR()
+    for variable in ("logsnr", "scaled"):
+        with pytest.raises(ValueError, match="closed-form inverse of the log-SNR"):
+            ode_nll(DATA.score_fn(sde), sde, x, jax.random.key(1), eps=1e-3, variable=variable)
+    with pytest.raises(ValueError, match="eps > 0"):
+        ode_nll(DATA.score_fn(VPSDE()), VPSDE(), x, jax.random.key(1), eps=0.0, variable="logsnr")
+    with pytest.raises(ValueError, match="integration variable"):
+        ode_nll(DATA.score_fn(VPSDE()), VPSDE(), x, jax.random.key(1), variable="lambda")
+    with pytest.raises(ValueError, match="mode"):
+        ode_nll(DATA.score_fn(VPSDE()), VPSDE(), x, jax.random.key(1), mode="forward")
+
+
+def test_forward_mode_through_a_convolutional_network():
+    """mode='jvp' runs DDPM++ (whose CPU convolutions have a custom VJP, which forward mode
+    cannot push through) and gives the VJP mode's NLL: the same estimate, v^T J v, so they
+    differ by float32 rounding and what it does to the step decisions (at rtol = atol = 1e-6,
+    a solve error of order 1e-6 x (|NLL| + |z|^2) per step: 1e-2 nats is far above it)."""
+    from mlscore_jax.models import DDPMpp, get_score_fn, init_variables
+
+    model = DDPMpp(nf=8, ch_mult=(1,), num_res_blocks=1, attn_resolutions=())
+    sde = VPSDE()
+    variables = init_variables(model, jax.random.key(0, impl="rbg"), (1, 4, 4, 1))
+    score = get_score_fn(model, variables, sde)
+    x = jax.random.uniform(jax.random.key(1), (2, 4, 4, 1), minval=-1.0, maxval=1.0)
+    f = jax.jit(
+        lambda x, mode: ode_nll(score, sde, x, jax.random.key(2), rtol=1e-6, atol=1e-6, mode=mode),
+        static_argnums=1,
+    )
+    vjp, jvp = f(x, "vjp"), f(x, "jvp")
+    assert bool(vjp.success.all()) and bool(jvp.success.all())
+    np.testing.assert_allclose(jvp.nll, vjp.nll, atol=1e-2)

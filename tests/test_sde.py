@@ -77,6 +77,21 @@ def test_generic_numerical_inverse_cdf_matches_closed_form(sde, eps, z, quantile
     np.testing.assert_allclose(t_num, sde.importance_inverse_cdf(u, eps), rtol=1e-4)
 
 
+@pytest.mark.parametrize("sde", [VESDE(), VESDE(linear=True)], ids=["geometric", "linear"])
+def test_ve_closed_form_importance_matches_the_generic_quadrature(sde):
+    """VE: F(t) = 2 log(sigma_max / sigma_min) (t - eps) (geometric) or 2 log(t / eps)
+    (linear), written by hand, against the base class's quadrature table (tolerances as in
+    the test above: the table's float32 cumulative sum, 4e-5; its interpolated inverse, 1e-4)."""
+    eps = 1e-5
+    z = sde.importance_normalizer(eps)
+    np.testing.assert_allclose(SDE.importance_normalizer(sde, eps), z, rtol=4e-5)
+    u = jnp.linspace(0.01, 0.99, 50) * z
+    t = sde.importance_inverse_cdf(u, eps)
+    np.testing.assert_allclose(SDE.importance_inverse_cdf(sde, u, eps), t, rtol=1e-4)
+    # and the closed forms invert each other: a few roundings of log / exp of |F| <= 26
+    np.testing.assert_allclose(sde.importance_cdf(t, eps), u, rtol=1e-5, atol=8 * U * float(z))
+
+
 def test_vp_inverse_cdf_point():
     # 6 digits (1.2e-6 relative) and float32 (<= 20 u, as for the quantiles).
     np.testing.assert_allclose(VPSDE().importance_inverse_cdf(10.0, 1e-5), 0.0420609, rtol=1e-5)

@@ -14,9 +14,10 @@ from the formulas:
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import flax.linen as nn
 import jax
@@ -100,6 +101,24 @@ def activation(name: str) -> Callable[[Array], Array]:
 # experiments/bench_cpu_loops.py measures it). `nhwc_conv` below is the same forward
 # convolution with a custom VJP that writes those transposes explicitly, so every convolution
 # it emits is canonical wherever it sits.
+
+# `nhwc_conv` has a custom VJP, so it cannot be pushed forward (jax.jvp); functions traced inside
+# `forward_mode_convs()` use lax's own convolution instead, whose JVP is the same canonical
+# forward convolution applied to the tangent (fast in loops too). The flag is read when a network
+# is traced, not when it runs.
+_FORWARD_MODE = [False]
+
+
+@contextlib.contextmanager
+def forward_mode_convs() -> Iterator[None]:
+    """Trace the networks' convolutions as plain `lax.conv_general_dilated` (forward-mode AD)."""
+    previous = _FORWARD_MODE[0]
+    _FORWARD_MODE[0] = True
+    try:
+        yield
+    finally:
+        _FORWARD_MODE[0] = previous
+
 
 _NHWC = ("NHWC", "HWIO", "NHWC")
 _NHWC_SPECS = ((0, 3, 1, 2), (3, 2, 0, 1), (0, 3, 1, 2))  # the same, as dimension indices
@@ -186,6 +205,7 @@ def conv_general_dilated(
         and batch_group_count == 1
         and precision is None
         and preferred_element_type is None
+        and not _FORWARD_MODE[0]
     )
     if not plain:
         return jax.lax.conv_general_dilated(
