@@ -93,6 +93,15 @@ def get_default_configs() -> ml_collections.ConfigDict:
     evaluate.solver = "dopri5"
     evaluate.divergence = "rademacher"
     evaluate.max_steps = 4096
+    # Hutchinson by one JVP ('jvp', forward mode: ~1.2x faster per evaluation than the official
+    # 'vjp') over the variable t ('t'; 'logsnr', 'scaled': y = x / alpha over log-SNR), with a PI
+    # step-size controller (pcoeff, icoeff; 0, 1 is scipy's I controller): together 1.6x the
+    # official method's speed at matched accuracy on the digits model
+    # (experiments/bench_likelihood.py).
+    evaluate.hutchinson = "jvp"
+    evaluate.variable = "t"
+    evaluate.pcoeff = 0.3
+    evaluate.icoeff = 0.4
     evaluate.use_ema = True
     # 'uniform' | 'variational' (the trained Flow++ dequantizer of `deq`, --mode train_deq) |
     # 'truncated_normal' (training free); K > 1: importance-weighted K-sample bound

@@ -108,6 +108,10 @@ def _batch_fn(
                 divergence=settings.divergence,
                 solver=settings.solver,
                 max_steps=settings.max_steps,
+                mode=settings.mode,
+                variable=settings.variable,
+                pcoeff=settings.pcoeff,
+                icoeff=settings.icoeff,
             )
             out["ode"] = r.nll + d.log_q
             out["ode_nfe"] = r.nfe

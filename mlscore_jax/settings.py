@@ -91,6 +91,12 @@ class BpdSettings:
     solver: str = "dopri5"
     divergence: str = "rademacher"
     max_steps: int = 4096
+    # how the ODE is integrated (`likelihood.ode_nll`): Hutchinson by JVP or VJP, the variable
+    # (t, log-SNR, or y = x / alpha over log-SNR), the PI step-size controller's coefficients
+    mode: str = "jvp"
+    variable: str = "t"
+    pcoeff: float = 0.3
+    icoeff: float = 0.4
     num_t: int = 1000
     draws_per_call: int = 1
     offset: bool = True
@@ -114,6 +120,12 @@ class BpdSettings:
         if self.dequantization not in DEQUANTIZATIONS:
             raise ValueError(
                 f"eval.dequantization must be one of {DEQUANTIZATIONS}, got {self.dequantization!r}"
+            )
+        if self.mode not in ("jvp", "vjp"):
+            raise ValueError(f"eval.hutchinson must be 'jvp' or 'vjp', got {self.mode!r}")
+        if self.variable not in ("t", "logsnr", "scaled"):
+            raise ValueError(
+                f"eval.variable must be 't', 'logsnr' or 'scaled', got {self.variable!r}"
             )
         if self.num_dequant_samples < 1:
             raise ValueError(

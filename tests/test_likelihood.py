@@ -166,10 +166,20 @@ def test_nfe_counts_every_vector_field_evaluation():
         return exact_score(x, t)
 
     for solver in ("tsit5", "dopri5", "bosh3", "heun"):
-        calls.clear()
-        r = ode_nll(counting_score, sde, x, jax.random.key(1), eps=eps, solver=solver)
-        jax.effects_barrier()
-        assert len(calls) == int(r.nfe[0]) > 10, (solver, len(calls), r.nfe, r.num_steps)
+        for pcoeff, icoeff in ((0.3, 0.4), (0.0, 1.0)):  # the default PI and the I controller
+            calls.clear()
+            r = ode_nll(
+                counting_score,
+                sde,
+                x,
+                jax.random.key(1),
+                eps=eps,
+                solver=solver,
+                pcoeff=pcoeff,
+                icoeff=icoeff,
+            )
+            jax.effects_barrier()
+            assert len(calls) == int(r.nfe[0]) > 10, (solver, pcoeff, len(calls), r.nfe)
 
 
 def test_max_steps_exceeded_is_a_clear_error_or_a_flag():
