@@ -126,6 +126,7 @@ def _batch_fn(
                 offset=settings.offset,
                 estimator=settings.estimator,
                 draws_per_call=settings.draws_per_call,
+                time_sampling=settings.time_sampling,
             )
             out["bound"] = b.nll + d.log_q
             out["bound_stderr"] = b.stderr

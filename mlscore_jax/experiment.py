@@ -409,6 +409,7 @@ def from_config(
         pcoeff=float(e["pcoeff"]),
         icoeff=float(e["icoeff"]),
         num_t=e["num_t"],
+        time_sampling=e["time_sampling"],
         draws_per_call=e["draws_per_call"],
         offset=bool(e["offset"]),
         estimator="dsm" if e["dsm"] else "ssm",

@@ -86,18 +86,19 @@ class BpdSettings:
     ode: bool = True
     bound: bool = True
     eps: float = 1e-5  # config.training.smallest_time
-    rtol: float = 1e-5
-    atol: float = 1e-5
-    solver: str = "dopri5"
+    rtol: float = 5e-5
+    atol: float = 5e-5
+    solver: str = "bosh3"
     divergence: str = "rademacher"
     max_steps: int = 4096
     # how the ODE is integrated (`likelihood.ode_nll`): Hutchinson by JVP or VJP, the variable
     # (t, log-SNR, or y = x / alpha over log-SNR), the PI step-size controller's coefficients
     mode: str = "jvp"
     variable: str = "t"
-    pcoeff: float = 0.3
-    icoeff: float = 0.4
+    pcoeff: float = 0.0
+    icoeff: float = 1.0
     num_t: int = 1000
+    time_sampling: str = "stratified"  # the bound's time draws: 'stratified' or 'iid'
     draws_per_call: int = 1
     offset: bool = True
     estimator: str = "dsm"  # config.eval.dsm: 'dsm' if True else 'ssm'
@@ -126,6 +127,10 @@ class BpdSettings:
         if self.variable not in ("t", "logsnr", "scaled"):
             raise ValueError(
                 f"eval.variable must be 't', 'logsnr' or 'scaled', got {self.variable!r}"
+            )
+        if self.time_sampling not in ("stratified", "iid"):
+            raise ValueError(
+                f"eval.time_sampling must be 'stratified' or 'iid', got {self.time_sampling!r}"
             )
         if self.num_dequant_samples < 1:
             raise ValueError(
