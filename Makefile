@@ -17,7 +17,7 @@ STAMP  := $(VENV)/.installed
 	reproduce-scoreflow-subvp-cifar10 reproduce-scoreflow-subvp-cifar10-deep \
 	reproduce-scoreflow-vp-imagenet32 reproduce-scoreflow-vp-imagenet32-deep \
 	reproduce-scoreflow-subvp-imagenet32 reproduce-scoreflow-subvp-imagenet32-deep \
-	train-digits train-digits-mlp train-mnist train-toy2d \
+	table-digits table-mnist train-digits train-digits-mlp train-mnist train-toy2d \
 	train-vp-cifar10 train-vp-cifar10-deep train-subvp-cifar10 train-subvp-cifar10-deep \
 	train-vp-imagenet32 train-vp-imagenet32-deep train-subvp-imagenet32 train-subvp-imagenet32-deep
 
@@ -92,6 +92,17 @@ train-vp-imagenet32:         ; $(MAKE) train CONFIG=configs/vp/imagenet32_ddpmpp
 train-vp-imagenet32-deep:    ; $(MAKE) train CONFIG=configs/vp/imagenet32_ddpmpp_deep_continuous.py WORKDIR=runs/imagenet32_deep_vp
 train-subvp-imagenet32:      ; $(MAKE) train CONFIG=configs/subvp/imagenet32_ddpmpp_continuous.py WORKDIR=runs/imagenet32_subvp
 train-subvp-imagenet32-deep: ; $(MAKE) train CONFIG=configs/subvp/imagenet32_ddpmpp_deep_continuous.py WORKDIR=runs/imagenet32_deep_subvp
+
+# The paper's table at CPU scale (experiments/paper_table.py): trains and evaluates what is
+# missing of every row x seed in runs/table_<dataset>, then writes experiments/results/<dataset>.md
+# and its plots. A killed run resumes: run the same target again. TABLE_ARGS="--jobs 1" etc.
+TABLE_ARGS ?= --jobs 2
+MNIST_NPZ ?= ../shared/data
+table-digits: install
+	$(PY) experiments/paper_table.py --dataset digits $(TABLE_ARGS)
+table-mnist: install
+	$(PY) experiments/paper_table.py --dataset mnist --rows vp_sigma2,vp_g2_is --seeds 1 \
+		$(if $(wildcard $(MNIST_NPZ)/mnist_train.npz),--mnist-npz $(MNIST_NPZ)) $(TABLE_ARGS)
 
 # Released checkpoints (README "Released checkpoints"): convert one into WORKDIR, then evaluate.
 # make convert CONFIG=configs/vp/cifar10_ddpmpp_deep_continuous.py SCORE=.../checkpoint_19 \

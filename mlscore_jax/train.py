@@ -109,7 +109,7 @@ def batch_loss(
     *,
     train: bool,
 ) -> Array:
-    """Mean training loss of one integer batch [B, ...] (preprocessing included)."""
+    """Per-example training losses [B] of one integer batch [B, ...] (preprocessing included)."""
     k_pre, k_loss, k_drop = jax.random.split(key, 3)
     x = exp.preprocessing(k_pre, batch)
 
@@ -129,7 +129,7 @@ def batch_loss(
         # the official training objective: the IS loss without its constant Z / (T - eps)
         normalize_importance=False,
     )
-    return per_example.mean()
+    return per_example
 
 
 def abstract_state(exp: experiment.Experiment, tx: optax.GradientTransformation, mesh) -> Any:
@@ -142,9 +142,11 @@ def abstract_state(exp: experiment.Experiment, tx: optax.GradientTransformation,
     )
 
 
-# (params, frozen, integer batch [B, ...], key, train) -> mean loss of the batch (a scalar).
-# `frozen` is whatever else the loss reads and does not train (the score model's parameters when
-# the dequantizer trains; None for the score model), passed as an argument, not a constant.
+# (params, frozen, integer batch [B, ...], key, train) -> per-example losses [B]; the step
+# minimises their mean and logs their variance across the batch (the estimator's variance that
+# importance sampling of t lowers). `frozen` is whatever else the loss reads and does not train
+# (the score model's parameters when the dequantizer trains; None for the score model), passed as
+# an argument, not a constant.
 LossFn = Callable[[Any, Any, Array, Array, bool], Array]
 
 
@@ -170,11 +172,23 @@ def train_step(
 ) -> tuple[TrainState, dict[str, Array]]:
     """One optimisation step on the global batch [B, ...]; pure."""
     key = jax.random.fold_in(state.key, state.step)
-    loss, grads = jax.value_and_grad(lambda p: loss_fn(p, frozen, batch, key, True))(state.params)
+
+    def mean_loss(p: Any) -> tuple[Array, Array]:
+        per_example = loss_fn(p, frozen, batch, key, True)
+        return jnp.mean(per_example), per_example
+
+    (loss, per_example), grads = jax.value_and_grad(mean_loss, has_aux=True)(state.params)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     ema = jax.tree.map(lambda e, p: ema_rate * e + (1.0 - ema_rate) * p, state.ema_params, params)
-    metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), "lr": schedule(state.step)}
+    metrics = {
+        "loss": loss,
+        # variance across the batch of the per-example losses (ddof = 1): one-sample variance of
+        # the Monte-Carlo loss, in the loss's units squared
+        "loss_var": jnp.var(per_example, ddof=1) if per_example.shape[0] > 1 else jnp.nan,
+        "grad_norm": optax.tree.norm(grads),
+        "lr": schedule(state.step),
+    }
     new_state = state.replace(
         step=state.step + 1, params=params, opt_state=opt_state, ema_params=ema
     )
@@ -430,7 +444,7 @@ def run_loop(loop: Loop, workdir: str, *, frozen: Any = None, progress: bool = T
         donate_argnums=0,
     )
     eval_fn = jax.jit(
-        lambda p, f, b, k: loop.loss(p, f, b, k, False),
+        lambda p, f, b, k: jnp.mean(loop.loss(p, f, b, k, False)),
         in_shardings=(replicated, replicated, parallel.data_sharding(mesh), replicated),
         out_shardings=replicated,
     )
@@ -456,6 +470,7 @@ def run_loop(loop: Loop, workdir: str, *, frozen: Any = None, progress: bool = T
         ema_rate=t.ema_rate,
     )
     last_time, last_step = time.perf_counter(), step
+    interval_loss, interval_var = [], []  # every step's since the last log line
     try:
         with checkpoint.PreemptionGuard() as guard:
             while step < total:
@@ -473,6 +488,8 @@ def run_loop(loop: Loop, workdir: str, *, frozen: Any = None, progress: bool = T
                         f"the newest checkpoint in {workdir} is untouched"
                     )
                 step += n_jit
+                interval_loss.extend(np.asarray(metrics["loss"]).tolist())
+                interval_var.extend(np.asarray(metrics["loss_var"]).tolist())
 
                 if step % t.log_freq == 0 or step == total:
                     now = time.perf_counter()
@@ -483,7 +500,12 @@ def run_loop(loop: Loop, workdir: str, *, frozen: Any = None, progress: bool = T
                         "grad_norm": float(metrics["grad_norm"][-1]),
                         "lr": float(metrics["lr"][-1]),
                         "images_per_s": images_per_s,
+                        # means over the steps since the last line: the loss and the variance of
+                        # the per-example losses across each step's batch
+                        "loss_mean": float(np.mean(interval_loss)),
+                        "loss_var": float(np.mean(interval_var)),
                     }
+                    interval_loss, interval_var = [], []
                     if loop.to_bpd is not None:
                         values["bpd"] = loop.to_bpd(float(np.mean(metrics["loss"])))
                     if flops is not None:

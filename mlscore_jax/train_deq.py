@@ -110,7 +110,7 @@ def _require_dequantizer(exp: experiment.Experiment) -> flowpp.FlowppDequantizer
 def dequantizer_loss(
     exp: experiment.Experiment,
 ) -> train.LossFn:
-    """The batch mean of L(phi) (module docstring), in nats: (deq params, score params, k, key)."""
+    """L(phi) per image (module docstring), in nats: (deq params, score params, k, key) -> [B]."""
     module = _require_dequantizer(exp)
     score = models.ScoreModel(exp.model, exp.sde)
     pre = exp.preprocessing
@@ -132,7 +132,7 @@ def dequantizer_loss(
             offset=exp.deq.offset,
             num_offset=1,
         )
-        return jnp.mean(b.nll + log_q)
+        return b.nll + log_q
 
     return loss
 

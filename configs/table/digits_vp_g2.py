@@ -1,0 +1,14 @@
+"""Paper table, digits: VP SDE, lambda = g^2, t ~ U[eps, 1].
+
+One row of `experiments/paper_table.py --dataset digits` (`configs/table/rows.py`); alone:
+
+    make train CONFIG=configs/table/digits_vp_g2.py WORKDIR=runs/table_digits/vp_g2/seed0
+"""
+
+import ml_collections
+
+from configs.table import rows
+
+
+def get_config() -> ml_collections.ConfigDict:
+    return rows.config("digits", "vp_g2")

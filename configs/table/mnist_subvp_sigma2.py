@@ -1,0 +1,14 @@
+"""Paper table, mnist: subVP SDE, lambda = sigma^2, t ~ U[eps, 1] (the score SDE objective).
+
+One row of `experiments/paper_table.py --dataset mnist` (`configs/table/rows.py`); alone:
+
+    make train CONFIG=configs/table/mnist_subvp_sigma2.py WORKDIR=runs/table_mnist/subvp_sigma2/seed0
+"""
+
+import ml_collections
+
+from configs.table import rows
+
+
+def get_config() -> ml_collections.ConfigDict:
+    return rows.config("mnist", "subvp_sigma2")
