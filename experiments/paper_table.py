@@ -367,6 +367,7 @@ def run_all(args: argparse.Namespace, todo: list[tuple[str, int]]) -> None:
             slot = len(running)
             env = dict(os.environ)
             cpus = ",".join(str((slot * per + i) % cores) for i in range(per))
+            run_dir(args, row, seed).mkdir(parents=True, exist_ok=True)
             log = open(run_dir(args, row, seed).parent / f"seed{seed}.out", "a")  # noqa: SIM115
             proc = subprocess.Popen(
                 ["taskset", "-c", cpus, *_child_command(args, row, seed)],

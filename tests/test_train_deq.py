@@ -121,9 +121,7 @@ def test_the_loss_is_the_one_sample_bound_plus_log_q(scored):
     loss = train_deq.dequantizer_loss(exp)
     keys = jax.random.split(jax.random.key(1), 256)
     draws = np.asarray(
-        jax.jit(jax.vmap(lambda k: loss(state.params, score_params, batch, k, False).mean()))(
-            keys
-        )
+        jax.jit(jax.vmap(lambda k: loss(state.params, score_params, batch, k, False).mean()))(keys)
     )
     deq = dequantizers.Variational(exp.dequantizer, exp.preprocessing)
 
