@@ -443,3 +443,22 @@ def test_paper_configs_have_paper_settings():
                 assert cfg.training.n_iters == (950_001 if deep else 1_300_001)
                 assert cfg.model.dropout == (0.1 if ds == "cifar10" else 0.0)
                 assert not cfg.data.random_flip
+
+
+def test_step_logs_the_batch_variance_of_the_per_example_losses():
+    """metrics['loss_var'] is the variance (ddof = 1) across the batch of the per-example losses
+    the step minimises the mean of, and metrics['loss'] is that mean."""
+    exp = _exp()
+    tx, schedule = train.make_optimizer(exp.optim)
+    state = train.init_state(exp, tx, jax.random.key(0))
+    batch = jnp.asarray(exp.dataset.train[:16])
+    loss_fn = train.score_loss(exp)
+    key = jax.random.fold_in(state.key, state.step)
+    per_example = np.asarray(loss_fn(state.params, None, batch, key, True), np.float64)
+    _, metrics = jax.jit(
+        lambda s, b: train.train_step(s, b, loss_fn=loss_fn, tx=tx, schedule=schedule, ema_rate=0.9)
+    )(state, batch)
+    assert per_example.shape == (16,)
+    # float32 sums of 16 terms of size ~1: rounding ~1e-6 relative
+    np.testing.assert_allclose(float(metrics["loss"]), per_example.mean(), rtol=1e-5)
+    np.testing.assert_allclose(float(metrics["loss_var"]), per_example.var(ddof=1), rtol=1e-4)

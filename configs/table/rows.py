@@ -22,7 +22,7 @@ Budgets (the issue's "demo's budget or more" for digits):
   steps at batch 64 (192,000 images, 107 epochs of the 1497 training digits), snapshots every
   500 steps for the learning curves; evaluated on all 300 test images; the dequantizer of the
   g^2 + IS rows trains 500 steps.
-* mnist: `configs/cpu/mnist_ddpmpp.py` (nf 32), batch 64, `MNIST_STEPS` steps; snapshots every
+* mnist: `configs/cpu/mnist_ddpmpp.py` at nf 16, batch 64, `MNIST_STEPS` steps; snapshots every
   `MNIST_STEPS // 5`; evaluated on the first 1000 test images (`paper_table.py`
   `--test-images`).
 """
@@ -53,6 +53,9 @@ def config(dataset: str, row: str) -> ml_collections.ConfigDict:
         from configs.cpu import mnist_ddpmpp
 
         c = mnist_ddpmpp.get_config()
+        # nf 16 (the digits width): nf 32 trains at ~129 images/s on 2 CPU cores
+        # (experiments/README.md), too slow for two rows at a longer budget than digits'
+        c.model.nf = 16
         c.training.n_iters = MNIST_STEPS
         c.training.snapshot_freq = MNIST_STEPS // 5
         c.training.snapshot_freq_for_preemption = 250
