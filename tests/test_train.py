@@ -351,7 +351,8 @@ def test_misspelt_override_is_one_line_without_traceback(tmp_path):
 CONFIGS = sorted(
     str(p.relative_to(ROOT))[:-3].replace(os.sep, ".")
     for p in (ROOT / "configs").rglob("*.py")
-    if p.name != "__init__.py" and not p.name.startswith("default_")
+    if p.name != "__init__.py"
+    and not p.name.startswith("default_")
     # the builder of the table's row configs (configs/table/<dataset>_<row>.py), not a config
     and p.relative_to(ROOT) != Path("configs/table/rows.py")
 )
