@@ -416,13 +416,14 @@ def run_all(args: argparse.Namespace, todo: list[tuple[str, int]]) -> None:
         return
     cores = os.cpu_count() or 1
     per = max(1, cores // args.jobs)
-    running: list[tuple[subprocess.Popen, str, int]] = []
+    running: list[tuple[subprocess.Popen, str, int, int]] = []
     failed = []
     queue = list(todo)
     while queue or running:
         while queue and len(running) < args.jobs:
             row, seed = queue.pop(0)
-            slot = len(running)
+            busy = {item[3] for item in running}
+            slot = min(s for s in range(args.jobs) if s not in busy)  # its cores are free
             env = dict(os.environ)
             cpus = ",".join(str((slot * per + i) % cores) for i in range(per))
             run_dir(args, row, seed).mkdir(parents=True, exist_ok=True)
@@ -433,10 +434,10 @@ def run_all(args: argparse.Namespace, todo: list[tuple[str, int]]) -> None:
                 stdout=log,
                 stderr=subprocess.STDOUT,
             )
-            running.append((proc, row, seed))
+            running.append((proc, row, seed, slot))
         time.sleep(2.0)
         for item in list(running):
-            proc, row, seed = item
+            proc, row, seed, _ = item
             if proc.poll() is not None:
                 running.remove(item)
                 if proc.returncode != 0:
