@@ -591,7 +591,9 @@ def report(args: argparse.Namespace, command: str) -> str:
     lines = [
         f"# The paper's table at CPU scale: {ds}",
         "",
-        f"Command: `{command}`  ",
+        f"Runs: `make table-{ds}` (`python experiments/paper_table.py --dataset {ds} "
+        "--jobs 2`, resumable); this report: "
+        f"`{command}`  ",
         f"Commit: {_commit()}; machine: {_machine()}; jax {jax.__version__}; "
         f"written {datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} UTC.",
         "",
@@ -601,10 +603,11 @@ def report(args: argparse.Namespace, command: str) -> str:
         lines += [
             f"**Budget, every row**: {any_train['steps']} steps at batch "
             f"{any_train['batch_size']} ({any_train['images_seen']:,} images seen), "
-            f"{any_train['params']:,} parameters, the same network, optimizer and seeds "
-            f"{args.first_seed}..{args.first_seed + args.seeds - 1} for every row; training "
-            f"wall time per run {np.median(secs):.0f} s (median; this machine, "
-            f"{args.jobs} run(s) at a time).",
+            f"{any_train['params']:,} parameters, the same network, optimizer and seeds for "
+            f"every row (planned {args.first_seed}..{args.first_seed + args.seeds - 1}; the "
+            f"'seeds' column says how many are done); training wall time per run "
+            f"{np.median(secs):.0f} s (median, incl. compilation, as the runs went: other work "
+            "may have shared the machine).",
         ]
     if any_uniform is not None:
         n = any_uniform["num_images"]
