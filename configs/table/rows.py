@@ -22,7 +22,7 @@ Budgets (the issue's "demo's budget or more" for digits):
   steps at batch 64 (192,000 images, 107 epochs of the 1497 training digits), snapshots every
   500 steps for the learning curves; evaluated on all 300 test images; the dequantizer of the
   g^2 + IS rows trains 500 steps.
-* mnist: `configs/cpu/mnist_ddpmpp.py` at nf 16, batch 64, `MNIST_STEPS` steps; snapshots every
+* mnist: `configs/cpu/mnist_ddpmpp.py` (nf 32), batch 64, `MNIST_STEPS` steps; snapshots every
   `MNIST_STEPS // 5`; evaluated on the first 1000 test images (`paper_table.py`
   `--test-images`).
 """
@@ -53,9 +53,9 @@ def config(dataset: str, row: str) -> ml_collections.ConfigDict:
         from configs.cpu import mnist_ddpmpp
 
         c = mnist_ddpmpp.get_config()
-        # nf 16 (the digits width): nf 32 trains at ~129 images/s on 2 CPU cores
-        # (experiments/README.md), too slow for two rows at a longer budget than digits'
-        c.model.nf = 16
+        # the config's nf 32: nf 16 is no faster on a 2-core CPU (110 images/s measured for
+        # this row at nf 16, `--mode train` 300 steps, against 129 in experiments/README.md for
+        # nf 32), so MNIST_STEPS at batch 64 is ~1.5 h of training per row there
         c.training.n_iters = MNIST_STEPS
         c.training.snapshot_freq = MNIST_STEPS // 5
         c.training.snapshot_freq_for_preemption = 250
