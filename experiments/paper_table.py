@@ -553,14 +553,18 @@ def _per_image_se(entry: dict, stage: str, key: str) -> str:
     return f"{np.mean(se):.3f}" if se else "-"
 
 
-def _paired(entry_a: dict, stage_a: str, entry_b: dict, stage_b: str, key: str):
-    """a - b over the seeds both have: (mean, se over seeds, mean per-image paired se)."""
+def _paired(
+    entry_a: dict, stage_a: str, entry_b: dict, stage_b: str, key: str, key_b: str | None = None
+):
+    """a's `key` - b's `key_b` (default `key`) over the seeds both have, paired per image:
+    (mean, se over seeds, mean per-image paired se, number of seeds)."""
+    key_b = key if key_b is None else key_b
     da, db = entry_a.get(stage_a, []), entry_b.get(stage_b, [])
     diffs, pse = [], []
     for va, vb in zip(da, db, strict=False):
-        if va is None or vb is None or key not in va or key not in vb:
+        if va is None or vb is None or key not in va or key_b not in vb:
             continue
-        d = np.asarray(va[key]["per_image"]) - np.asarray(vb[key]["per_image"])
+        d = np.asarray(va[key]["per_image"]) - np.asarray(vb[key_b]["per_image"])
         diffs.append(float(d.mean()))
         pse.append(float(d.std(ddof=1) / math.sqrt(d.size)))
     m, se = _mean_se(diffs)
@@ -743,7 +747,7 @@ def claims(table: dict, args: argparse.Namespace) -> list[str]:
         if row not in table:
             continue
         for stage in ("uniform", "variational"):
-            m, se, pse, n = _paired_keys(table[row], stage, "bound", "ode")
+            m, se, pse, n = _paired(table[row], stage, table[row], stage, "bound", "ode")
             if n:
                 parts.append(_claim_text(m, se, pse, n, f"{row} {stage}: bound − ODE"))
     out.append(
@@ -753,18 +757,6 @@ def claims(table: dict, args: argparse.Namespace) -> list[str]:
         + " bits/dim."
     )
     return out
-
-
-def _paired_keys(entry: dict, stage: str, key_a: str, key_b: str):
-    diffs, pse = [], []
-    for v in entry.get(stage, []):
-        if v is None or key_a not in v or key_b not in v:
-            continue
-        d = np.asarray(v[key_a]["per_image"]) - np.asarray(v[key_b]["per_image"])
-        diffs.append(float(d.mean()))
-        pse.append(float(d.std(ddof=1) / math.sqrt(d.size)))
-    m, se = _mean_se(diffs)
-    return m, se, (float(np.mean(pse)) if pse else math.nan), len(diffs)
 
 
 def _pyplot():
