@@ -384,7 +384,7 @@ def run_one(args: argparse.Namespace, row: str, seed: int) -> None:
         train_deq.train_dequantizer(exp, str(workdir), progress=False)
     for name, fn in stages:
         _stage(workdir, name, fn)
-    _archive(args, row, seed)
+        _archive(args, row, seed)  # after every stage: a run cut off mid-row keeps what it did
 
 
 # -- orchestration ----------------------------------------------------------------------------
