@@ -39,6 +39,7 @@ import tempfile
 import time
 
 import numpy as np
+import provenance  # experiments/provenance.py (jax-free: the benchmark's parent runs no jax)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHARED = os.path.join(os.path.dirname(ROOT), "shared", "data")
@@ -227,18 +228,9 @@ def main() -> None:
         )  # fmt: skip
         trees[args.baseline] = worktree
     try:
-        head = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True
-        ).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain", "mlscore_jax"],
-            cwd=ROOT,
-            capture_output=True,
-            text=True,
-        ).stdout.strip()
         ceiling = matmul_ceiling()
-        state = " + uncommitted changes" if dirty else ""
-        print(f"this tree: {head}{state}; matmul ceiling {ceiling / 1e9:.0f} GFLOP/s "
+        tree = provenance.commit(("mlscore_jax",))
+        print(f"this tree: {tree}; matmul ceiling {ceiling / 1e9:.0f} GFLOP/s "
               "(2048^2 float32, best of 5)\n")  # fmt: skip
         rows = []
         for name in args.configs.split(","):

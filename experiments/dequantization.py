@@ -26,8 +26,6 @@ import ast
 import dataclasses
 import importlib.util
 import math
-import platform
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -38,6 +36,7 @@ import mlscore_jax  # noqa: F401  (sets the XLA:CPU flag before any computation)
 
 import jax
 import numpy as np
+import provenance  # noqa: E402  (experiments/provenance.py)
 
 from mlscore_jax import evaluate, experiment, logs, models, parallel, train, train_deq
 
@@ -157,14 +156,10 @@ def main() -> None:
             + " | ".join(gains)
             + " |"
         )
-    commit = subprocess.run(
-        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=REPO
-    ).stdout.strip()
     m = results["uniform"]
     header = [
         f"Command: `{' '.join([Path(sys.executable).name, *sys.argv])}`",
-        f"Commit {commit}; {platform.processor() or platform.machine()}, "
-        f"{jax.device_count()} {jax.default_backend()} device(s); jax {jax.__version__}.",
+        f"Commit {provenance.commit()}; {provenance.machine()}; jax {jax.__version__}.",
         f"Score model: step {m['step']} of `{args.config}`"
         + "".join(f" `{item}`" for item in args.set)
         + " (EMA); test split, "

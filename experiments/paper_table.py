@@ -43,7 +43,6 @@ import json
 import logging
 import math
 import os
-import platform
 import re
 import subprocess
 import sys
@@ -61,6 +60,7 @@ import mlscore_jax  # noqa: E402,F401  (sets the XLA:CPU flag before any computa
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
+import provenance  # noqa: E402  (experiments/provenance.py)
 
 from configs.table import rows as table_rows  # noqa: E402
 from mlscore_jax import (  # noqa: E402
@@ -75,6 +75,9 @@ from mlscore_jax import (  # noqa: E402
     train_deq,
 )
 from mlscore_jax.sde import broadcast_to_data  # noqa: E402
+
+# the code a result depends on: a stage's record says whether it differed from the commit
+CODE = ("mlscore_jax", "configs", "experiments/paper_table.py", "experiments/provenance.py")
 
 logger = logging.getLogger("paper_table")
 
@@ -165,6 +168,8 @@ def _stage(directory: Path, name: str, fn) -> dict:
     start = time.perf_counter()
     result = fn()
     result["seconds"] = time.perf_counter() - start
+    result["commit"] = provenance.commit(CODE)
+    result["machine"] = provenance.machine()
     _write_json(path, result)
     return result
 
@@ -473,33 +478,6 @@ def _fmt(values: list[float], digits: int = 3) -> str:
     return f"{m:.{digits}f} ± {se:.{digits}f}" if se is not None else f"{m:.{digits}f}"
 
 
-def _machine() -> str:
-    model = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return (
-        f"{model}, {os.cpu_count()} cores, {jax.device_count()} {jax.default_backend()} device(s)"
-    )
-
-
-def _commit() -> str:
-    out = subprocess.run(
-        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=REPO
-    ).stdout.strip()
-    dirty = subprocess.run(
-        ["git", "status", "--porcelain", "--untracked-files=no"],
-        capture_output=True,
-        text=True,
-        cwd=REPO,
-    ).stdout.strip()
-    return out + (" (with uncommitted changes)" if dirty else "")
-
-
 def _judge(diff: float, se: float | None, per_image_se: float, expected_sign: int) -> str:
     """The verdict by the standard error over seeds; with one seed by the per-image paired
     standard error (which leaves out the seed-to-seed spread: says so)."""
@@ -542,6 +520,21 @@ def collect(args: argparse.Namespace) -> dict:
         entry["tprofile"] = _read(args, row, args.first_seed, "tprofile")
         table[row] = entry
     return table
+
+
+def stage_commits(table: dict) -> dict[str, int]:
+    """How many recorded stages each commit produced ('not recorded': stages from before the
+    records carried their commit)."""
+    counts: dict[str, int] = {}
+    for entry in table.values():
+        records = [v for name, vs in entry.items() if name != "seeds" and isinstance(vs, list)
+                   for v in vs]  # fmt: skip
+        records.append(entry.get("tprofile"))
+        for v in records:
+            if isinstance(v, dict):
+                key = v.get("commit", "not recorded")
+                counts[key] = counts.get(key, 0) + 1
+    return dict(sorted(counts.items(), key=lambda kv: -kv[1]))
 
 
 def _values(entry: dict, stage: str, key: str) -> list[float]:
@@ -598,8 +591,13 @@ def report(args: argparse.Namespace, command: str) -> str:
         f"Runs: `make table-{ds}` (`python experiments/paper_table.py --dataset {ds} "
         "--jobs 2`, resumable); this report: "
         f"`{command}`  ",
-        f"Commit: {_commit()}; machine: {_machine()}; jax {jax.__version__}; "
-        f"written {datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} UTC.",
+        f"Commit: {provenance.commit(CODE)}; machine: {provenance.machine()}; "
+        f"jax {jax.__version__}; "
+        f"written {datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} UTC.  ",
+        "Stages by the commit that ran them: "
+        + ", ".join(f"{c}: {n}" for c, n in stage_commits(table).items())
+        + " (each stage's record in "
+        f"`experiments/results/{ds}_runs/<row>/seed<s>/` names its commit and machine).",
         "",
     ]
     if any_train is not None:

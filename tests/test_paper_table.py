@@ -97,6 +97,9 @@ def test_killed_table_resumes_without_retraining_finished_rows(tmp_path):
     assert (tmp_path / "out" / "digits_loss_variance.png").exists()
     train = json.loads((second / "table" / "train.json").read_text())
     assert train["steps"] == 20 and all(math.isfinite(s["loss_var"]) for s in train["series"])
+    # every stage's record names the code and the machine that produced it, and so does the report
+    assert train["commit"] != "unknown" and " cores, " in train["machine"]
+    assert "Stages by the commit that ran them: " in text
 
 
 def test_train_log_parsing_keeps_the_last_line_of_a_repeated_step(tmp_path):
@@ -130,3 +133,16 @@ def test_paired_differences_are_per_image_within_a_seed():
     assert n == 2 and m == pytest.approx(0.75)
     assert se == pytest.approx(np.std([0.5, 1.0], ddof=1) / math.sqrt(2))
     assert pse == pytest.approx(0.0)
+
+
+def test_stage_commits_count_every_record_and_the_unstamped_ones():
+    table = {
+        "vp_g2": {
+            "seeds": [0, 1],
+            "train": [{"commit": "abc1234"}, {"commit": "def5678"}],
+            "uniform": [{"commit": "abc1234"}, None],
+            "tprofile": {"step": 3},  # recorded before the stamp
+        },
+        "vp_sigma2": {"seeds": [0], "train": [{"commit": "abc1234"}], "tprofile": None},
+    }
+    assert paper_table.stage_commits(table) == {"abc1234": 3, "def5678": 1, "not recorded": 1}
