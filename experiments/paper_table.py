@@ -766,14 +766,30 @@ def _pyplot():
     return plt
 
 
-def plot_curves(table: dict, args: argparse.Namespace, path: Path) -> Path | None:
+def _sde_panels(path: Path, draw, *, ylabel: str, title: str, subtitle: str = "", **kw):
+    """A VP and a subVP panel side by side; `draw(ax, sde)` fills one and says whether it drew
+    anything. Saved to `path` (and returned) only when some panel has data."""
     plt = _pyplot()
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4), **kw)
     drawn = False
     for ax, sde in zip(axes, ("vp", "subvp"), strict=True):
+        drawn = draw(ax, sde) | drawn
+        ax.set_title(f"{'VP' if sde == 'vp' else 'subVP'} SDE{subtitle}")
+        ax.legend()
+    axes[0].set_ylabel(ylabel)
+    fig.suptitle(title)
+    fig.tight_layout()
+    if drawn:
+        fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path if drawn else None
+
+
+def plot_curves(table: dict, args: argparse.Namespace, path: Path) -> Path | None:
+    def draw(ax, sde: str) -> bool:
+        drawn = False
         for w in ("sigma2", "g2", "g2_is"):
-            row = f"{sde}_{w}"
-            curves = [c for c in table.get(row, {}).get("curve", []) if c]
+            curves = [c for c in table.get(f"{sde}_{w}", {}).get("curve", []) if c]
             if not curves:
                 continue
             steps = [p["step"] for p in curves[0]["points"]]
@@ -790,24 +806,22 @@ def plot_curves(table: dict, args: argparse.Namespace, path: Path) -> Path | Non
                 se = vals.std(0, ddof=1) / math.sqrt(len(vals))
                 ax.fill_between(steps, mean - se, mean + se, alpha=0.25)
             drawn = True
-        ax.set_title(f"{'VP' if sde == 'vp' else 'subVP'} SDE")
         ax.set_xlabel("training step")
         ax.grid(alpha=0.3)
-        ax.legend()
-    axes[0].set_ylabel(f"test bits/dim (bound, first {args.curve_images} images)")
-    fig.suptitle(f"{args.dataset}: test bound vs training step (EMA; ± standard error over seeds)")
-    fig.tight_layout()
-    if drawn:
-        fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path if drawn else None
+        return drawn
+
+    return _sde_panels(
+        path,
+        draw,
+        sharey=True,
+        ylabel=f"test bits/dim (bound, first {args.curve_images} images)",
+        title=f"{args.dataset}: test bound vs training step (EMA; ± standard error over seeds)",
+    )
 
 
 def plot_tprofile(table: dict, args: argparse.Namespace, path: Path) -> Path | None:
-    plt = _pyplot()
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    drawn = False
-    for ax, sde in zip(axes, ("vp", "subvp"), strict=True):
+    def draw(ax, sde: str) -> bool:
+        drawn = False
         for w in ("sigma2", "g2", "g2_is"):
             prof = table.get(f"{sde}_{w}", {}).get("tprofile")
             if not prof:
@@ -818,17 +832,17 @@ def plot_tprofile(table: dict, args: argparse.Namespace, path: Path) -> Path | N
             value = np.trapezoid(mean, t) / (t[-1] - t[0])
             ax.loglog(t, std / value, label=LABELS[w])
             drawn = True
-        ax.set_title(f"{'VP' if sde == 'vp' else 'subVP'} SDE (seed {args.first_seed})")
         ax.set_xlabel("t")
         ax.grid(alpha=0.3, which="both")
-        ax.legend()
-    axes[0].set_ylabel("std of the one-sample loss at t / objective")
-    fig.suptitle(f"{args.dataset}: spread of the training loss vs t, per weighting / sampler")
-    fig.tight_layout()
-    if drawn:
-        fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path if drawn else None
+        return drawn
+
+    return _sde_panels(
+        path,
+        draw,
+        ylabel="std of the one-sample loss at t / objective",
+        title=f"{args.dataset}: spread of the training loss vs t, per weighting / sampler",
+        subtitle=f" (seed {args.first_seed})",
+    )
 
 
 # -- command line -----------------------------------------------------------------------------
