@@ -507,7 +507,7 @@ def run_loop(loop: Loop, workdir: str, *, frozen: Any = None, progress: bool = T
                     }
                     interval_loss, interval_var = [], []
                     if loop.to_bpd is not None:
-                        values["bpd"] = loop.to_bpd(float(np.mean(metrics["loss"])))
+                        values["bpd"] = loop.to_bpd(values["loss_mean"])  # the interval's
                     if flops is not None:
                         values["flops_per_s"] = flops * (step - last_step) / dt
                     log.scalars(step, values)

@@ -106,6 +106,15 @@ def test_train_deq_resumes_bit_for_bit(scored, deq_trained, tmp_path):
     assert meta["fields"]["filters"] == 8 and meta["example_shape"] == [8, 8, 1]
     log = (deq_dir / "train_log.txt").read_text()
     assert "start dequantizer step=10" in log and " bpd=" in log
+    # the logged bits/dim are those of the interval's mean loss (printed to 6 significant
+    # digits: both sides round at 5e-6 relative)
+    lines = [
+        dict(kv.split("=") for kv in ln.split()) for ln in log.splitlines() if ln[:5] == "step="
+    ]
+    num_dims = int(np.prod(meta["example_shape"]))
+    for ln in lines:
+        want = float(_exp().preprocessing.nats_to_bpd(np.asarray(float(ln["loss_mean"])), num_dims))
+        np.testing.assert_allclose(float(ln["bpd"]), want, rtol=2e-5)
     # the score model's own checkpoints are those of its training run, unchanged
     assert sorted(p.name for p in (resumed / "checkpoints").iterdir()) == ["10"]
 
