@@ -33,7 +33,7 @@ import ml_collections
 
 ROWS = ("vp_sigma2", "vp_g2", "vp_g2_is", "subvp_sigma2", "subvp_g2", "subvp_g2_is")
 DATASETS = ("digits", "mnist")
-MNIST_STEPS = 10_000
+MNIST_STEPS = 6000
 
 
 def config(dataset: str, row: str) -> ml_collections.ConfigDict:
@@ -55,7 +55,10 @@ def config(dataset: str, row: str) -> ml_collections.ConfigDict:
         c = mnist_ddpmpp.get_config()
         # the config's nf 32: nf 16 is no faster on a 2-core CPU (110 images/s measured for
         # this row at nf 16, `--mode train` 300 steps, against 129 in experiments/README.md for
-        # nf 32), so MNIST_STEPS at batch 64 is ~1.5 h of training per row there
+        # nf 32). MNIST_STEPS at batch 64: 384,000 images (6.4 epochs, twice the digits rows'
+        # images); the two VP rows side by side (`--jobs 2`, a core each) should train in ~1.6 h
+        # and evaluate their 1000 test images in ~1.5 h on that machine (the digits rows' ODE
+        # costs ~340 training images per test image), so the pair fits about one session
         c.training.n_iters = MNIST_STEPS
         c.training.snapshot_freq = MNIST_STEPS // 5
         c.training.snapshot_freq_for_preemption = 250
