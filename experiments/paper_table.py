@@ -267,6 +267,32 @@ def _curve(exp, workdir: Path, args) -> dict:
     return {"num_images": int(images.shape[0]), "num_t": args.curve_num_t, "points": points}
 
 
+def _gap(exp, workdir: Path, args) -> dict:
+    """Bound and ODE (the final evaluation's settings, uniform dequantization) at every snapshot
+    on the first `args.gap_images` test images: does the bound - ODE gap close with training?"""
+    ckpt = checkpoint.Checkpointer(str(workdir), read_only=True)
+    try:
+        steps = ckpt.snapshot_steps()
+    finally:
+        ckpt.close()
+    images = exp.dataset.test[: args.gap_images]
+    settings = dataclasses.replace(exp.eval.bpd, ode=True, bound=True, dequantization="uniform")
+    points = []
+    for step in steps:
+        r = _bpd(exp, workdir, images, settings, step, "gap")
+        d = np.asarray(r["bound"]["per_image"]) - np.asarray(r["ode"]["per_image"])
+        points.append(
+            {
+                "step": step,
+                "ode": r["ode"]["mean"],
+                "bound": r["bound"]["mean"],
+                "gap": float(d.mean()),
+                "gap_se": float(d.std(ddof=1) / math.sqrt(d.size)) if d.size > 1 else math.nan,
+            }
+        )
+    return {"num_images": int(images.shape[0]), "points": points}
+
+
 def _final(exp, workdir: Path, args, dequantization: str) -> dict:
     images = exp.dataset.test[: args.test_images]
     settings = dataclasses.replace(exp.eval.bpd, dequantization=dequantization)
@@ -374,6 +400,8 @@ def run_one(args: argparse.Namespace, row: str, seed: int) -> None:
         ]
     if seed == args.first_seed:
         stages.append(("tprofile", lambda: _tprofile(exp, workdir)))
+        if args.gap_images > 0:
+            stages.append(("gap", lambda: _gap(exp, workdir, args)))
     missing = [name for name, _ in stages if not (table / f"{name}.json").exists()]
     # results taken from the archive without their checkpoints: the stages still to run read
     # the model, so train it again (bit for bit the recorded run: batches and randomness are
@@ -400,7 +428,7 @@ def _child_command(args: argparse.Namespace, row: str, seed: int) -> list[str]:
     cmd += ["--workdir", args.workdir, "--out", args.out, "--seeds", str(args.seeds)]
     cmd += ["--first-seed"]
     cmd += [str(args.first_seed), "--curve-images", str(args.curve_images)]
-    cmd += ["--curve-num-t", str(args.curve_num_t)]
+    cmd += ["--curve-num-t", str(args.curve_num_t), "--gap-images", str(args.gap_images)]
     if args.test_images is not None:
         cmd += ["--test-images", str(args.test_images)]
     if args.mnist_npz:
@@ -518,6 +546,7 @@ def collect(args: argparse.Namespace) -> dict:
             for name, value in stages.items():
                 entry.setdefault(name, []).append(value)
         entry["tprofile"] = _read(args, row, args.first_seed, "tprofile")
+        entry["gap"] = _read(args, row, args.first_seed, "gap")
         table[row] = entry
     return table
 
@@ -529,7 +558,7 @@ def stage_commits(table: dict) -> dict[str, int]:
     for entry in table.values():
         records = [v for name, vs in entry.items() if name != "seeds" and isinstance(vs, list)
                    for v in vs]  # fmt: skip
-        records.append(entry.get("tprofile"))
+        records += [entry.get("tprofile"), entry.get("gap")]
         for v in records:
             if isinstance(v, dict):
                 key = v.get("commit", "not recorded")
@@ -656,9 +685,12 @@ def report(args: argparse.Namespace, command: str) -> str:
         ]
     curves = plot_curves(table, args, out_dir / f"{ds}_curves.png")
     prof = plot_tprofile(table, args, out_dir / f"{ds}_loss_variance.png")
+    gap = plot_gap(table, args, out_dir / f"{ds}_gap.png")
     lines += ["", "## Plots", ""]
     if curves:
         lines += [f"![bits/dim vs training step]({curves.name})", ""]
+    if gap:
+        lines += [f"![bound minus ODE vs training step]({gap.name})", ""]
     if prof:
         lines += [
             f"![loss spread vs t]({prof.name})",
@@ -748,11 +780,27 @@ def claims(table: dict, args: argparse.Namespace) -> list[str]:
             m, se, pse, n = _paired(table[row], stage, table[row], stage, "bound", "ode")
             if n:
                 parts.append(_claim_text(m, se, pse, n, f"{row} {stage}: bound − ODE"))
+    trend, n_gap = [], 0
+    for row in args.rows:
+        g = table.get(row, {}).get("gap")
+        if g and len(g["points"]) > 1:
+            n_gap = g["num_images"]
+            a, b = g["points"][0], g["points"][-1]
+            trend.append(
+                f"{row} {a['gap']:+.3f} ± {a['gap_se']:.3f} (step {a['step']}) → "
+                f"{b['gap']:+.3f} ± {b['gap_se']:.3f} (step {b['step']})"
+            )
     out.append(
         "4. **The bound and the ODE likelihood agree closely for well-trained models** "
         "(CIFAR-10: 2.90 vs 2.83 bits/dim, a gap of 0.07): "
         + "; ".join(parts or ["(rows not in this table)"])
         + " bits/dim."
+        + (
+            f" Bound − ODE during training (seed {args.first_seed}, first {n_gap} test images, "
+            "per-image paired SE): " + "; ".join(trend) + "."
+            if trend
+            else ""
+        )
     )
     return out
 
@@ -845,6 +893,35 @@ def plot_tprofile(table: dict, args: argparse.Namespace, path: Path) -> Path | N
     )
 
 
+def plot_gap(table: dict, args: argparse.Namespace, path: Path) -> Path | None:
+    def draw(ax, sde: str) -> bool:
+        drawn = False
+        for w in ("sigma2", "g2", "g2_is"):
+            g = table.get(f"{sde}_{w}", {}).get("gap")
+            if not g:
+                continue
+            steps = [p["step"] for p in g["points"]]
+            gap = np.array([p["gap"] for p in g["points"]])
+            se = np.array([p["gap_se"] for p in g["points"]])
+            ax.errorbar(steps, gap, yerr=se, marker="o", capsize=3, label=LABELS[w])
+            drawn = True
+        ax.axhline(0.0, color="black", lw=0.8)
+        ax.set_xlabel("training step")
+        ax.grid(alpha=0.3)
+        return drawn
+
+    n = next((e["gap"]["num_images"] for e in table.values() if e.get("gap")), 0)
+    return _sde_panels(
+        path,
+        draw,
+        sharey=True,
+        ylabel=f"bound − ODE, bits/dim (first {n} test images)",
+        title=f"{args.dataset}: bound − ODE likelihood vs training step (EMA; ± paired "
+        "standard error over the images)",
+        subtitle=f" (seed {args.first_seed})",
+    )
+
+
 # -- command line -----------------------------------------------------------------------------
 
 
@@ -859,6 +936,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--test-images", type=int, default=None, help="first N (default all)")
     parser.add_argument("--curve-images", type=int, default=100)
     parser.add_argument("--curve-num-t", type=int, default=50)
+    parser.add_argument(
+        "--gap-images",
+        type=int,
+        default=None,
+        help="bound and ODE at every snapshot of the first seed on the first N test images "
+        "(default: digits 50, mnist 0 = not run)",
+    )
     parser.add_argument("--jobs", type=int, default=1, help="(row, seed) runs at a time")
     parser.add_argument("--mnist-npz", default=None, help="folder of mnist_{train,test}.npz")
     parser.add_argument("--no-deq", action="store_true", help="skip the dequantizer stages")
@@ -873,6 +957,8 @@ def main(argv: list[str] | None = None) -> None:
     args.workdir = args.workdir or str(REPO / "runs" / f"table_{args.dataset}")
     if args.test_images is None and args.dataset == "mnist":
         args.test_images = 1000
+    if args.gap_images is None:
+        args.gap_images = 50 if args.dataset == "digits" else 0
     Path(args.workdir).mkdir(parents=True, exist_ok=True)
     logs.setup(str(Path(args.workdir) / "log.txt"), verbose=False)
 

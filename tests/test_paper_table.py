@@ -1,6 +1,7 @@
 """experiments/paper_table.py: a killed table run resumes without retraining finished rows, and
 the report's statistics."""
 
+import argparse
 import json
 import math
 import os
@@ -26,6 +27,7 @@ TINY = [
     "--test-images=20",
     "--curve-images=10",
     "--curve-num-t=4",  # = eval.num_t: the curve and the final bound share one compiled program
+    "--gap-images=2",  # the one ODE: bound and ODE at the snapshot of the first row
     "--set=model.nf=8",
     "--set=training.n_iters=20",
     "--set=training.snapshot_freq=20",
@@ -95,6 +97,10 @@ def test_killed_table_resumes_without_retraining_finished_rows(tmp_path):
     assert "| `vp_sigma2` |" in text and "| `vp_g2` |" in text
     assert (tmp_path / "out" / "digits_curves.png").exists()
     assert (tmp_path / "out" / "digits_loss_variance.png").exists()
+    gap = json.loads((first / "table" / "gap.json").read_text())
+    assert gap["num_images"] == 2 and [p["step"] for p in gap["points"]] == [20]
+    assert all(math.isfinite(p["ode"]) and math.isfinite(p["gap"]) for p in gap["points"])
+    assert (tmp_path / "out" / "digits_gap.png").exists()
     train = json.loads((second / "table" / "train.json").read_text())
     assert train["steps"] == 20 and all(math.isfinite(s["loss_var"]) for s in train["series"])
     # every stage's record names the code and the machine that produced it, and so does the report
@@ -146,3 +152,15 @@ def test_stage_commits_count_every_record_and_the_unstamped_ones():
         "vp_sigma2": {"seeds": [0], "train": [{"commit": "abc1234"}], "tprofile": None},
     }
     assert paper_table.stage_commits(table) == {"abc1234": 3, "def5678": 1, "not recorded": 1}
+
+
+def test_claim_four_reports_the_gap_at_the_first_and_last_snapshot():
+    points = [
+        {"step": 500, "gap": -0.5, "gap_se": 0.02},
+        {"step": 1000, "gap": -0.25, "gap_se": 0.01},
+    ]
+    table = {"vp_g2": {"seeds": [0], "gap": {"num_images": 50, "points": points}}}
+    args = argparse.Namespace(rows=["vp_g2"], first_seed=0)
+    text = paper_table.claims(table, args)[3]
+    assert "first 50 test images" in text
+    assert "vp_g2 -0.500 ± 0.020 (step 500) → -0.250 ± 0.010 (step 1000)" in text
