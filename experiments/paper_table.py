@@ -815,14 +815,36 @@ def _pyplot():
     return plt
 
 
-def _sde_panels(path: Path, draw, *, ylabel: str, title: str, subtitle: str = "", **kw):
-    """A VP and a subVP panel side by side; `draw(ax, sde)` fills one and says whether it drew
-    anything. Saved to `path` (and returned) only when some panel has data."""
+def _sde_panels(
+    path: Path,
+    table: dict,
+    stage: str,
+    draw,
+    *,
+    xlabel: str,
+    ylabel: str,
+    title: str,
+    subtitle: str = "",
+    grid: str = "major",
+    zero_line: bool = False,
+    **kw,
+) -> Path | None:
+    """A VP and a subVP panel side by side, a curve per weighting: `draw(ax, record, w)` draws
+    the row's `stage` record (a row without it is left out). Saved to `path` (and returned)
+    only when some panel has data."""
     plt = _pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(11, 4), **kw)
     drawn = False
     for ax, sde in zip(axes, ("vp", "subvp"), strict=True):
-        drawn = draw(ax, sde) | drawn
+        for w in ("sigma2", "g2", "g2_is"):
+            record = table.get(f"{sde}_{w}", {}).get(stage)
+            if record:
+                draw(ax, record, w)
+                drawn = True
+        if zero_line:
+            ax.axhline(0.0, color="black", lw=0.8)
+        ax.set_xlabel(xlabel)
+        ax.grid(alpha=0.3, which=grid)
         ax.set_title(f"{'VP' if sde == 'vp' else 'subVP'} SDE{subtitle}")
         ax.legend()
     axes[0].set_ylabel(ylabel)
@@ -835,59 +857,46 @@ def _sde_panels(path: Path, draw, *, ylabel: str, title: str, subtitle: str = ""
 
 
 def plot_curves(table: dict, args: argparse.Namespace, path: Path) -> Path | None:
-    def draw(ax, sde: str) -> bool:
-        drawn = False
-        for w in ("sigma2", "g2", "g2_is"):
-            curves = [c for c in table.get(f"{sde}_{w}", {}).get("curve", []) if c]
-            if not curves:
-                continue
-            steps = [p["step"] for p in curves[0]["points"]]
-            vals = np.array(
-                [
-                    [p["bound"] for p in c["points"]]
-                    for c in curves
-                    if len(c["points"]) == len(steps)
-                ]
-            )
-            mean = vals.mean(0)
-            ax.plot(steps, mean, marker="o", label=f"{LABELS[w]} ({len(vals)} seeds)")
-            if len(vals) > 1:
-                se = vals.std(0, ddof=1) / math.sqrt(len(vals))
-                ax.fill_between(steps, mean - se, mean + se, alpha=0.25)
-            drawn = True
-        ax.set_xlabel("training step")
-        ax.grid(alpha=0.3)
-        return drawn
+    def draw(ax, records: list, w: str) -> None:
+        curves = [c for c in records if c]
+        steps = [p["step"] for p in curves[0]["points"]]
+        vals = np.array(
+            [[p["bound"] for p in c["points"]] for c in curves if len(c["points"]) == len(steps)]
+        )
+        mean = vals.mean(0)
+        ax.plot(steps, mean, marker="o", label=f"{LABELS[w]} ({len(vals)} seeds)")
+        if len(vals) > 1:
+            se = vals.std(0, ddof=1) / math.sqrt(len(vals))
+            ax.fill_between(steps, mean - se, mean + se, alpha=0.25)
 
+    table = {row: {"curve": [c for c in e.get("curve", []) if c]} for row, e in table.items()}
     return _sde_panels(
         path,
+        table,
+        "curve",
         draw,
         sharey=True,
+        xlabel="training step",
         ylabel=f"test bits/dim (bound, first {args.curve_images} images)",
         title=f"{args.dataset}: test bound vs training step (EMA; ± standard error over seeds)",
     )
 
 
 def plot_tprofile(table: dict, args: argparse.Namespace, path: Path) -> Path | None:
-    def draw(ax, sde: str) -> bool:
-        drawn = False
-        for w in ("sigma2", "g2", "g2_is"):
-            prof = table.get(f"{sde}_{w}", {}).get("tprofile")
-            if not prof:
-                continue
-            t, std, mean = map(np.asarray, (prof["t"], prof["std"], prof["mean"]))
-            # the objective's value: the uniform-t average of the mean estimate over log-spaced
-            # t (trapezoid in t)
-            value = np.trapezoid(mean, t) / (t[-1] - t[0])
-            ax.loglog(t, std / value, label=LABELS[w])
-            drawn = True
-        ax.set_xlabel("t")
-        ax.grid(alpha=0.3, which="both")
-        return drawn
+    def draw(ax, prof: dict, w: str) -> None:
+        t, std, mean = map(np.asarray, (prof["t"], prof["std"], prof["mean"]))
+        # the objective's value: the uniform-t average of the mean estimate over log-spaced t
+        # (trapezoid in t)
+        value = np.trapezoid(mean, t) / (t[-1] - t[0])
+        ax.loglog(t, std / value, label=LABELS[w])
 
     return _sde_panels(
         path,
+        table,
+        "tprofile",
         draw,
+        xlabel="t",
+        grid="both",
         ylabel="std of the one-sample loss at t / objective",
         title=f"{args.dataset}: spread of the training loss vs t, per weighting / sampler",
         subtitle=f" (seed {args.first_seed})",
@@ -895,27 +904,21 @@ def plot_tprofile(table: dict, args: argparse.Namespace, path: Path) -> Path | N
 
 
 def plot_gap(table: dict, args: argparse.Namespace, path: Path) -> Path | None:
-    def draw(ax, sde: str) -> bool:
-        drawn = False
-        for w in ("sigma2", "g2", "g2_is"):
-            g = table.get(f"{sde}_{w}", {}).get("gap")
-            if not g:
-                continue
-            steps = [p["step"] for p in g["points"]]
-            gap = np.array([p["gap"] for p in g["points"]])
-            se = np.array([p["gap_se"] for p in g["points"]])
-            ax.errorbar(steps, gap, yerr=se, marker="o", capsize=3, label=LABELS[w])
-            drawn = True
-        ax.axhline(0.0, color="black", lw=0.8)
-        ax.set_xlabel("training step")
-        ax.grid(alpha=0.3)
-        return drawn
+    def draw(ax, g: dict, w: str) -> None:
+        steps = [p["step"] for p in g["points"]]
+        gap = [p["gap"] for p in g["points"]]
+        se = [p["gap_se"] for p in g["points"]]
+        ax.errorbar(steps, gap, yerr=se, marker="o", capsize=3, label=LABELS[w])
 
     n = next((e["gap"]["num_images"] for e in table.values() if e.get("gap")), 0)
     return _sde_panels(
         path,
+        table,
+        "gap",
         draw,
         sharey=True,
+        zero_line=True,
+        xlabel="training step",
         ylabel=f"bound − ODE, bits/dim (first {n} test images)",
         title=f"{args.dataset}: bound − ODE likelihood vs training step (EMA; ± paired "
         "standard error over the images)",
