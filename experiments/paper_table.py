@@ -248,12 +248,16 @@ def _bpd(exp, workdir: Path, images, bpd_settings, step: int, name: str) -> dict
     return out
 
 
-def _curve(exp, workdir: Path, args) -> dict:
+def _snapshot_steps(workdir: Path) -> list[int]:
     ckpt = checkpoint.Checkpointer(str(workdir), read_only=True)
     try:
-        steps = ckpt.snapshot_steps()
+        return ckpt.snapshot_steps()
     finally:
         ckpt.close()
+
+
+def _curve(exp, workdir: Path, args) -> dict:
+    steps = _snapshot_steps(workdir)
     images = exp.dataset.test[: args.curve_images]
     settings = dataclasses.replace(
         exp.eval.bpd, ode=False, bound=True, num_t=args.curve_num_t, dequantization="uniform"
@@ -270,11 +274,7 @@ def _curve(exp, workdir: Path, args) -> dict:
 def _gap(exp, workdir: Path, args) -> dict:
     """Bound and ODE (the final evaluation's settings, uniform dequantization) at every snapshot
     on the first `args.gap_images` test images: does the bound - ODE gap close with training?"""
-    ckpt = checkpoint.Checkpointer(str(workdir), read_only=True)
-    try:
-        steps = ckpt.snapshot_steps()
-    finally:
-        ckpt.close()
+    steps = _snapshot_steps(workdir)
     images = exp.dataset.test[: args.gap_images]
     settings = dataclasses.replace(exp.eval.bpd, ode=True, bound=True, dequantization="uniform")
     points = []
