@@ -22,7 +22,7 @@ Budgets (the issue's "demo's budget or more" for digits):
   steps at batch 64 (192,000 images, 107 epochs of the 1497 training digits), snapshots every
   500 steps for the learning curves; evaluated on all 300 test images; the dequantizer of the
   g^2 + IS rows trains 500 steps.
-* mnist: `configs/cpu/mnist_ddpmpp.py` (nf 32), batch 64, `MNIST_STEPS` steps; snapshots every
+* mnist: `configs/cpu/mnist_ddpmpp.py` at nf 16, batch 64, `MNIST_STEPS` steps; snapshots every
   `MNIST_STEPS // 5`; evaluated on the first 1000 test images (`paper_table.py`
   `--test-images`).
 """
@@ -53,12 +53,11 @@ def config(dataset: str, row: str) -> ml_collections.ConfigDict:
         from configs.cpu import mnist_ddpmpp
 
         c = mnist_ddpmpp.get_config()
-        # the config's nf 32: nf 16 is no faster on a 2-core CPU (110 images/s measured for
-        # this row at nf 16, `--mode train` 300 steps, against 129 in experiments/README.md for
-        # nf 32). MNIST_STEPS at batch 64: 384,000 images (6.4 epochs, twice the digits rows'
-        # images); the two VP rows side by side (`--jobs 2`, a core each) should train in ~1.6 h
-        # and evaluate their 1000 test images in ~1.5 h on that machine (the digits rows' ODE
-        # costs ~340 training images per test image), so the pair fits about one session
+        # nf 16, not the config's 32: on the 2-core AMD EPYC of the table runs nf 32 trains at
+        # ~23 images/s on one core (logged, `make table-mnist` at nf 32, steps 300-350), nf 16
+        # at 110 images/s on two (`--mode train`, 300 steps). MNIST_STEPS at batch 64: 384,000
+        # images (6.4 epochs, twice the digits rows' images)
+        c.model.nf = 16
         c.training.n_iters = MNIST_STEPS
         c.training.snapshot_freq = MNIST_STEPS // 5
         c.training.snapshot_freq_for_preemption = 250
