@@ -9,7 +9,7 @@ ARGS    ?=
 MAIN    := $(PY) -m mlscore_jax.main
 STAMP  := $(VENV)/.installed
 
-.PHONY: install install-torch test lint format clean train train-deq eval demo bench \
+.PHONY: install install-torch test test-slow lint format clean train train-deq eval demo bench \
 	convert nll reproduce reproduce-scoreflow \
 	reproduce-scoresde-vp-cifar10 reproduce-scoresde-vp-cifar10-deep \
 	reproduce-scoresde-subvp-cifar10 reproduce-scoresde-subvp-cifar10-deep \
@@ -45,8 +45,13 @@ $(TORCH_STAMP): $(STAMP)
 # module fixtures are built once): the tests are mostly XLA compiles, one core each.
 TEST_WORKERS ?= 2
 
+# Two tiers (tests/conftest.py): `make test` the fast one, `make test-slow` the end-to-end,
+# multi-process and kill/resume runs and the rest of the closed-form grids; CI runs both.
 test: install install-torch
-	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile tests
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile -m "not slow" tests
+
+test-slow: install install-torch
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile -m slow tests
 
 lint: install
 	$(VENV)/bin/ruff check mlscore_jax tests experiments configs
