@@ -762,6 +762,21 @@ def claims(table: dict, args: argparse.Namespace) -> list[str]:
         + "; ".join(parts or ["(rows not in this table)"])
         + f" bits/dim → {', '.join(verdicts) or '-'}."
     )
+    # 1 and 2 together, where the table has no lambda = g^2 row (MNIST): the ScoreFlow objective
+    # against score SDE's
+    parts, verdicts = [], []
+    for sde in ("vp", "subvp"):
+        a, b = f"{sde}_g2_is", f"{sde}_sigma2"
+        if a in table and b in table and f"{sde}_g2" not in table:
+            for key in ("bound", "ode"):
+                m, se, pse, n = _paired(table[a], "uniform", table[b], "uniform", key)
+                parts.append(_claim_text(m, se, pse, n, f"{sde} {key}(g² + IS) − {key}(σ²)"))
+                verdicts.append(f"{sde} {key} {_judge(m, se, pse, -1)}")
+    if parts:
+        out.append(
+            "1 and 2 together (no λ = g², uniform t row here): **λ = g² + IS gives a better NLL "
+            "than λ = σ²**: " + "; ".join(parts) + f" bits/dim → {', '.join(verdicts)}."
+        )
     # 3. variational beats uniform dequantization
     parts, verdicts = [], []
     for sde in ("vp", "subvp"):
