@@ -38,6 +38,7 @@ import argparse
 import ast
 import dataclasses
 import datetime
+import functools
 import importlib.util
 import json
 import logging
@@ -80,6 +81,14 @@ from mlscore_jax.sde import broadcast_to_data  # noqa: E402
 CODE = ("mlscore_jax", "configs", "experiments/paper_table.py", "experiments/provenance.py")
 
 logger = logging.getLogger("paper_table")
+
+
+@functools.cache
+def code_commit() -> str:
+    """The commit of CODE as this process loaded it: taken at its first call (`main` calls it
+    at start), so a commit made while a long table run works does not relabel its records."""
+    return provenance.commit(CODE)
+
 
 ROWS = table_rows.ROWS
 LABELS = {
@@ -168,7 +177,7 @@ def _stage(directory: Path, name: str, fn) -> dict:
     start = time.perf_counter()
     result = fn()
     result["seconds"] = time.perf_counter() - start
-    result["commit"] = provenance.commit(CODE)
+    result["commit"] = code_commit()
     result["machine"] = provenance.machine()
     _write_json(path, result)
     return result
@@ -621,7 +630,7 @@ def report(args: argparse.Namespace, command: str) -> str:
         f"Runs: `make table-{ds}` (`python experiments/paper_table.py --dataset {ds} "
         "--jobs 2`, resumable); this report: "
         f"`{command}`  ",
-        f"Commit: {provenance.commit(CODE)}; machine: {provenance.machine()}; "
+        f"Commit: {code_commit()}; machine: {provenance.machine()}; "
         f"jax {jax.__version__}; "
         f"written {datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} UTC.  ",
         "Stages by the commit that ran them: "
@@ -973,6 +982,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--report-only", action="store_true")
     parser.add_argument("--only", default=None, help=argparse.SUPPRESS)  # ROW:SEED (a child)
     args = parser.parse_args(argv)
+    code_commit()  # the code as loaded, before the runs take hours
     args.rows = [r for r in args.rows.split(",") if r]
     for row in args.rows:
         if row not in ROWS:
