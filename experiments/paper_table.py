@@ -580,6 +580,10 @@ def _values(entry: dict, stage: str, key: str) -> list[float]:
     return [v[key]["mean"] for v in entry.get(stage, []) if v is not None and key in v]
 
 
+def _train_values(entry: dict, key: str) -> list[float]:
+    return [v[key] for v in entry.get("train", []) if v is not None]
+
+
 def _per_image_se(entry: dict, stage: str, key: str) -> str:
     se = [v[key]["stderr_images"] for v in entry.get(stage, []) if v is not None and key in v]
     return f"{np.mean(se):.3f}" if se else "-"
@@ -601,6 +605,13 @@ def _paired(
         pse.append(float(d.std(ddof=1) / math.sqrt(d.size)))
     m, se = _mean_se(diffs)
     return m, se, (float(np.mean(pse)) if pse else math.nan), len(diffs)
+
+
+def _compare(a: dict, stage_a: str, b: dict, stage_b: str, key: str, what: str, label: str):
+    """a's `key` minus b's, paired per image, as (the claim's text, the verdict '<label> ...')
+    for a claim that expects a to be lower."""
+    m, se, pse, n = _paired(a, stage_a, b, stage_b, key)
+    return _claim_text(m, se, pse, n, what), f"{label} {_judge(m, se, pse, -1)}".strip()
 
 
 def _claim_text(m: float, se: float | None, pse: float, n: int, what: str) -> str:
@@ -676,8 +687,8 @@ def report(args: argparse.Namespace, command: str) -> str:
     for row in args.rows:
         e = table[row]
         sde, w = row.split("_", 1)
-        rel = [v["loss_rel_var_mean"] for v in e.get("train", []) if v is not None]
-        rel2 = [v["loss_rel_var_second_half"] for v in e.get("train", []) if v is not None]
+        rel = _train_values(e, "loss_rel_var_mean")
+        rel2 = _train_values(e, "loss_rel_var_second_half")
         lines.append(
             f"| `{row}` | {'VP' if sde == 'vp' else 'subVP'} | {LABELS[w]} | "
             f"{len(e['seeds'])} | {_fmt(_values(e, 'uniform', 'ode'))} | "
@@ -731,7 +742,7 @@ def summary_json(table: dict) -> dict:
                 vals = _values(e, stage, key)
                 if vals:
                     out[row][f"{stage}_{key}"] = vals
-        rel = [v["loss_rel_var_mean"] for v in e.get("train", []) if v is not None]
+        rel = _train_values(e, "loss_rel_var_mean")
         if rel:
             out[row]["loss_rel_var_mean"] = rel
     return out
@@ -744,9 +755,17 @@ def claims(table: dict, args: argparse.Namespace) -> list[str]:
     for sde in ("vp", "subvp"):
         a, b = f"{sde}_g2", f"{sde}_sigma2"
         if a in table and b in table:
-            m, se, pse, n = _paired(table[a], "uniform", table[b], "uniform", "bound")
-            parts.append(_claim_text(m, se, pse, n, f"{sde}: bound(g²) − bound(σ²)"))
-            verdicts.append(_judge(m, se, pse, -1))
+            text, verdict = _compare(
+                table[a],
+                "uniform",
+                table[b],
+                "uniform",
+                "bound",
+                f"{sde}: bound(g²) − bound(σ²)",
+                "",
+            )
+            parts.append(text)
+            verdicts.append(verdict)
     out.append(
         "1. **λ = g² gives a better bound than λ = σ²** (uniform t, uniform dequantization): "
         + "; ".join(parts or ["(rows not in this table)"])
@@ -757,15 +776,16 @@ def claims(table: dict, args: argparse.Namespace) -> list[str]:
     for sde in ("vp", "subvp"):
         a, b = f"{sde}_g2_is", f"{sde}_g2"
         if a in table and b in table:
-            ra = [v["loss_rel_var_mean"] for v in table[a].get("train", []) if v]
-            rb = [v["loss_rel_var_mean"] for v in table[b].get("train", []) if v]
-            ma, _ = _mean_se(ra)
-            mb, _ = _mean_se(rb)
+            ma, _ = _mean_se(_train_values(table[a], "loss_rel_var_mean"))
+            mb, _ = _mean_se(_train_values(table[b], "loss_rel_var_mean"))
             parts.append(f"{sde}: training-loss Var/mean² {mb:.2f} (uniform t) → {ma:.2f} (IS)")
             for key in ("bound", "ode"):
-                m, se, pse, n = _paired(table[a], "uniform", table[b], "uniform", key)
-                parts.append(_claim_text(m, se, pse, n, f"{key}(IS) − {key}(uniform t)"))
-                verdicts.append(f"{sde} {key} {_judge(m, se, pse, -1)}")
+                what = f"{key}(IS) − {key}(uniform t)"
+                text, verdict = _compare(
+                    table[a], "uniform", table[b], "uniform", key, what, f"{sde} {key}"
+                )
+                parts.append(text)
+                verdicts.append(verdict)
     out.append(
         "2. **Importance sampling lowers the loss variance and the NLL, more for VP**: "
         + "; ".join(parts or ["(rows not in this table)"])
@@ -778,9 +798,12 @@ def claims(table: dict, args: argparse.Namespace) -> list[str]:
         a, b = f"{sde}_g2_is", f"{sde}_sigma2"
         if a in table and b in table and f"{sde}_g2" not in table:
             for key in ("bound", "ode"):
-                m, se, pse, n = _paired(table[a], "uniform", table[b], "uniform", key)
-                parts.append(_claim_text(m, se, pse, n, f"{sde} {key}(g² + IS) − {key}(σ²)"))
-                verdicts.append(f"{sde} {key} {_judge(m, se, pse, -1)}")
+                what = f"{sde} {key}(g² + IS) − {key}(σ²)"
+                text, verdict = _compare(
+                    table[a], "uniform", table[b], "uniform", key, what, f"{sde} {key}"
+                )
+                parts.append(text)
+                verdicts.append(verdict)
     if parts:
         out.append(
             "1 and 2 together (no λ = g², uniform t row here): **λ = g² + IS gives a better NLL "
@@ -792,9 +815,12 @@ def claims(table: dict, args: argparse.Namespace) -> list[str]:
         a = f"{sde}_g2_is"
         if a in table:
             for key in ("ode", "bound"):
-                m, se, pse, n = _paired(table[a], "variational", table[a], "uniform", key)
-                parts.append(_claim_text(m, se, pse, n, f"{sde} {key}: variational − uniform"))
-                verdicts.append(f"{sde} {key} {_judge(m, se, pse, -1)}")
+                what = f"{sde} {key}: variational − uniform"
+                text, verdict = _compare(
+                    table[a], "variational", table[a], "uniform", key, what, f"{sde} {key}"
+                )
+                parts.append(text)
+                verdicts.append(verdict)
     out.append(
         "3. **Variational dequantization improves on uniform** (λ = g² + IS rows): "
         + "; ".join(parts or ["(rows not in this table)"])
